@@ -1,0 +1,39 @@
+"""fastdw: fused depthwise convolution + BatchNorm + activation for PyTorch.
+
+    y = fastdw.dwconv_bn_act(x, weight, scale, shift, stride=1, padding=1, act="relu6")
+    fastdw.convert(model)   # fuse every depthwise Conv2d + BatchNorm2d + activation in place
+    fastdw.revert(model)    # back to stock modules (state_dict keys never change)
+"""
+import torch as _torch  # loads libtorch/libc10 before the extension that links them
+
+from .version import __version__
+
+try:  # registers the fastdw:: ops (TORCH_LIBRARY) with the dispatcher
+    from . import _C  # noqa: F401
+
+    HAS_EXT = True
+    _C_IMPORT_ERROR = None
+except ImportError as e:  # a source tree without a build, or a build for another torch
+    _C = None
+    HAS_EXT = False
+    _C_IMPORT_ERROR = f"{e} (torch {_torch.__version__}: fastdw must be built against the torch it runs with)"
+
+from ._utils import ACTIVATIONS, BACKENDS, output_memory_format
+from .ops import available_backends, dwconv_bn_act, resolve_backend
+from .nn import DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
+from .convert import convert, revert
+
+
+def build_info() -> dict:
+    """What was compiled in: version, with_cuda, cuda_version, cuda_archs, torch_version, backends."""
+    if _C is None:
+        return {"version": __version__, "with_cuda": False, "cuda_version": None, "cuda_archs": [],
+                "torch_version": None, "backends": [], "error": _C_IMPORT_ERROR}
+    return _C.build_info()
+
+
+__all__ = [
+    "__version__", "ACTIVATIONS", "BACKENDS", "HAS_EXT", "dwconv_bn_act", "available_backends",
+    "resolve_backend", "output_memory_format", "DWConvBNAct2d", "FoldedBatchNorm2d", "fold_bn",
+    "convert", "revert", "build_info",
+]

@@ -1,0 +1,123 @@
+"""Helpers shared by the public functions, the fake kernels and the Triton launchers."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+BACKENDS = ("auto", "cuda", "triton", "cpu")
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def pair(v: IntOrPair, name: str) -> Tuple[int, int]:
+    """An int or a pair of ints as a (h, w) tuple of Python ints."""
+    if isinstance(v, bool):
+        raise TypeError(f"fastdw: {name} must be an int or a pair of ints; got {v!r}")
+    if isinstance(v, int) or (isinstance(v, torch.SymInt)):
+        return (v, v)
+    try:
+        t = tuple(v)
+    except TypeError:
+        raise TypeError(f"fastdw: {name} must be an int or a pair of ints; got {v!r}") from None
+    if len(t) != 2 or not all(isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool) for i in t):
+        raise ValueError(f"fastdw: {name} must have 2 elements (h, w); got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout rule, mirrored from csrc/dwconv_bn_act_host.h (use_channels_last).
+
+    channels_last when x is channels_last-contiguous and not also contiguous (C == 1 or
+    H == W == 1 make both true: contiguous wins), else contiguous. Every output and input
+    gradient of the op follows it.
+    """
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    act: str,
+) -> Tuple[int, int]:
+    """Validate a dwconv_bn_act call exactly as the C++ host code does; return (OH, OW).
+
+    Uses torch._check_* so that it also runs on fake tensors with symbolic sizes. The messages
+    match csrc/dwconv_bn_act_host.h.
+    """
+    torch._check_value(
+        act in ACTIVATIONS,
+        lambda: f"fastdw: act must be one of 'none', 'relu', 'relu6', 'hardswish', 'silu'; got '{act}'",
+    )
+    torch._check_value(x.dim() == 4, lambda: f"fastdw: x must be a 4-D (N, C, H, W) tensor; got {x.dim()}-D "
+                                           f"with shape {list(x.shape)}")
+    torch._check_type(
+        x.dtype in _FLOAT_DTYPES and (x.dtype != torch.float64 or x.device.type in ("cpu", "meta")),
+        lambda: f"fastdw: x must be float32, float16 or bfloat16 (or float64 on the CPU); got {x.dtype}",
+    )
+    C = x.shape[1]
+    torch._check_value(weight.dim() == 4, lambda: f"fastdw: weight must be (C, 1, kH, kW); got a {weight.dim()}-D "
+                                                f"tensor of shape {list(weight.shape)}")
+    torch._check_value(weight.shape[1] == 1, lambda: "fastdw: weight must be (C, 1, kH, kW) (depthwise: one input "
+                                                   f"channel per group); got shape {list(weight.shape)}")
+    wc = weight.shape[0]
+    is_mult = C > 0 and wc > C and wc % C == 0
+    torch._check_value(not is_mult, lambda: "fastdw: channel multiplier must be 1 (out_channels == in_channels == "
+                                          f"groups); got weight with {wc} output channels for C = {C} "
+                                          f"(multiplier {wc // C if is_mult else 1})")
+    torch._check_value(wc == C, lambda: f"fastdw: weight must be (C, 1, kH, kW) with C == x.size(1) = {C}; "
+                                      f"got shape {list(weight.shape)}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    torch._check_value(kh >= 1 and kw >= 1, lambda: f"fastdw: kernel size must be >= 1; got weight shape "
+                                                  f"{list(weight.shape)}")
+    torch._check_type(weight.dtype in (x.dtype, torch.float32),
+                      lambda: f"fastdw: weight must be float32 or x's dtype ({x.dtype}); got {weight.dtype}")
+    torch._check_value(weight.device == x.device, lambda: f"fastdw: weight must be on the same device as x "
+                                                        f"({x.device}); got {weight.device}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        torch._check_value(t.dim() == 1 and t.shape[0] == C,
+                           lambda: f"fastdw: {name} must be a 1-D tensor of C = {C} elements (one per channel); "
+                                   f"got shape {list(t.shape)}")
+        torch._check_type(t.dtype in (torch.float32, x.dtype),
+                          lambda: f"fastdw: {name} must be float32 or x's dtype ({x.dtype}); got {t.dtype}")
+        torch._check_value(t.device == x.device, lambda: f"fastdw: {name} must be on the same device as x "
+                                                       f"({x.device}); got {t.device}")
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        torch._check_value(len(v) == 2, lambda: f"fastdw: {name} must have 2 elements (h, w); got {list(v)}")
+        torch._check_value(v[0] >= lo and v[1] >= lo, lambda: f"fastdw: {name} must be >= {lo}; got {list(v)}")
+    H, W = x.shape[2], x.shape[3]
+    ekh, ekw = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    torch._check_value(
+        ekh <= H + 2 * padding[0] and ekw <= W + 2 * padding[1],
+        lambda: "fastdw: kernel larger than the padded input: effective kernel (dilation*(k-1)+1) is "
+                f"{ekh}x{ekw} but the padded input (H + 2*padding, W + 2*padding) is "
+                f"{H + 2 * padding[0]}x{W + 2 * padding[1]}",
+    )
+    return (conv_out_size(H, kh, stride[0], padding[0], dilation[0]),
+            conv_out_size(W, kw, stride[1], padding[1], dilation[1]))
+
+
+def deterministic_requested() -> bool:
+    return torch.are_deterministic_algorithms_enabled() or env_flag("FASTDW_DETERMINISTIC")

@@ -1,0 +1,238 @@
+"""The functional contract: `fastdw.dwconv_bn_act`, its fake kernels and autograd.
+
+The schemas live in csrc/fastdw.cpp (TORCH_LIBRARY(fastdw)); the CPU kernel registers in
+csrc/dwconv_bn_act_cpu.cpp, the CUDA kernels in csrc/*.cu, the Triton kernels in
+fastdw/triton/. This file adds what the C++ side does not: fake (meta) kernels with the same
+shapes, dtypes and strides as the real ones, autograd, and the public function that picks a
+backend.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._utils import (
+    ACTIVATIONS,
+    BACKENDS,
+    IntOrPair,
+    check_args,
+    deterministic_requested,
+    output_memory_format,
+    pair,
+)
+
+__all__ = ["dwconv_bn_act", "available_backends", "resolve_backend"]
+
+
+def _has_ops() -> bool:
+    try:
+        torch.ops.fastdw.dwconv_bn_act
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+HAS_OPS = _has_ops()
+
+
+# ------------------------------------------------------------------------------------------
+# Fake kernels and autograd (only when the C++ schemas are registered, i.e. _C imported).
+
+def _empty0(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((0,), dtype=dtype, device=like.device)
+
+
+def _grad_dtype(t: Optional[torch.Tensor]) -> torch.dtype:
+    return t.dtype if t is not None else torch.float32
+
+
+if HAS_OPS:
+    _fwd_op = torch.ops.fastdw.dwconv_bn_act.default
+    _bwd_op = torch.ops.fastdw._dwconv_bn_act_backward.default
+
+    @torch.library.register_fake("fastdw::dwconv_bn_act")
+    def _dwconv_bn_act_fake(x, weight, scale, shift, stride, padding, dilation, act):
+        oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
+        return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
+                           memory_format=output_memory_format(x))
+
+    @torch.library.register_fake("fastdw::_dwconv_bn_act_backward")
+    def _dwconv_bn_act_backward_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act,
+                                     output_mask, deterministic):
+        check_args(x, weight, scale, shift, stride, padding, dilation, act)
+        dx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+              if output_mask[0] else _empty0(x, x.dtype))
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] \
+            else _empty0(x, weight.dtype)
+        ds = torch.empty_like(scale, memory_format=torch.contiguous_format) \
+            if (output_mask[2] and scale is not None) else _empty0(x, _grad_dtype(scale))
+        db = torch.empty_like(shift, memory_format=torch.contiguous_format) \
+            if (output_mask[3] and shift is not None) else _empty0(x, _grad_dtype(shift))
+        return dx, dw, ds, db
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, scale, shift, stride, padding, dilation, act = inputs
+        ctx.conf = (stride, padding, dilation, act)
+        ctx.save_for_backward(x, weight, scale, shift)
+
+    def _backward(ctx, grad):
+        x, weight, scale, shift = ctx.saved_tensors
+        stride, padding, dilation, act = ctx.conf
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2] and scale is not None, need[3] and shift is not None]
+        if not any(mask):
+            return (None,) * 8
+        dx, dw, ds, db = _bwd_op(grad, x, weight, scale, shift, stride, padding, dilation, act, mask,
+                                 deterministic_requested())
+        return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
+                db if mask[3] else None, None, None, None, None)
+
+    torch.library.register_autograd("fastdw::dwconv_bn_act", _backward, setup_context=_setup_context)
+
+    def _double_backward(ctx, *grads):
+        raise RuntimeError("fastdw: double backward of dwconv_bn_act is not supported "
+                           "(create_graph=True through the fused op)")
+
+    def _bwd_setup_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd("fastdw::_dwconv_bn_act_backward", _double_backward,
+                                    setup_context=_bwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------
+# Backend selection
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(key: str) -> bool:
+    if not HAS_OPS:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastdw::dwconv_bn_act", key)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """fastdw.triton.dwconv_bn_act when Triton and the kernels are importable, else None."""
+    try:
+        return importlib.import_module("fastdw.triton.dwconv_bn_act")
+    except ImportError:
+        return None
+
+
+def available_backends() -> List[str]:
+    """Backends usable in this process: 'cpu' (compiled CPU kernels), 'cuda' (compiled CUDA
+    kernels and a visible GPU), 'triton' (Triton kernels importable and a GPU, or the Triton
+    interpreter enabled with TRITON_INTERPRET=1)."""
+    out = []
+    if _has_kernel("CPU"):
+        out.append("cpu")
+    if _has_kernel("CUDA") and torch.cuda.is_available():
+        out.append("cuda")
+    if _triton_module() is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append("triton")
+    return out
+
+
+def _missing_ext_error() -> RuntimeError:
+    from . import _C_IMPORT_ERROR  # noqa: PLC0415
+
+    return RuntimeError(f"fastdw: the compiled extension fastdw._C is not available ({_C_IMPORT_ERROR}); "
+                        "build it with `pip install --no-build-isolation -e .`")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map backend='auto' (or FASTDW_BACKEND) to a concrete backend for a tensor on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"fastdw: backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("FASTDW_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"fastdw: FASTDW_BACKEND must be one of {BACKENDS}; got {backend!r}")
+    dev = device.type
+    if backend == "auto":
+        if dev == "cuda":
+            if _has_kernel("CUDA"):
+                return "cuda"
+            if _triton_module() is not None:
+                return "triton"
+            raise RuntimeError("fastdw: no GPU backend for CUDA tensors: this build has no CUDA kernels "
+                               f"(fastdw.build_info() = {_build_info_or_none()}) and the Triton kernels "
+                               "are not importable")
+        return "cpu" if dev == "cpu" else "op"
+    if backend == "cpu" and dev not in ("cpu", "meta"):
+        raise ValueError(f"fastdw: backend='cpu' needs CPU tensors; x is on {device}")
+    if backend == "cuda":
+        if dev not in ("cuda", "meta"):
+            raise ValueError(f"fastdw: backend='cuda' needs CUDA tensors; x is on {device}")
+        if not _has_kernel("CUDA"):
+            raise RuntimeError("fastdw: backend='cuda' requested but this build has no CUDA kernels "
+                               f"(fastdw.build_info() = {_build_info_or_none()}); rebuild on a machine "
+                               "with nvcc and a CUDA build of torch, or use backend='triton'")
+    if backend == "triton" and _triton_module() is None:
+        raise RuntimeError("fastdw: backend='triton' requested but the Triton kernels are not available "
+                           "(is triton installed, and fastdw.triton.dwconv_bn_act present?)")
+    return backend
+
+
+def _build_info_or_none():
+    try:
+        from . import _C  # noqa: PLC0415
+
+        return _C.build_info()
+    except ImportError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# Public function
+
+def dwconv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    act: str = "relu6",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused depthwise conv + folded BatchNorm + activation.
+
+    y = act(conv2d(x, weight, stride, padding, dilation, groups=C) * scale[c] + shift[c])
+
+    Args:
+        x: (N, C, H, W), contiguous or channels_last (other strides are made contiguous);
+            float32, float16, bfloat16 (float64 on the CPU).
+        weight: (C, 1, kH, kW), x's dtype or float32 (what nn.Conv2d(C, C, k, groups=C) holds).
+        scale, shift: optional (C,) float32 (or x's dtype): folded BatchNorm, see fastdw.fold_bn.
+            None means scale 1, shift 0.
+        stride, padding, dilation: int or (h, w) pair.
+        act: 'none', 'relu', 'relu6', 'hardswish' or 'silu'.
+        backend: 'auto' (cuda where built, else triton on a GPU, cpu on the CPU; FASTDW_BACKEND
+            overrides it), 'cuda', 'triton' or 'cpu'.
+
+    Returns:
+        (N, C, OH, OW) in x's dtype, channels_last when x is channels_last (else contiguous),
+        accumulated in fp32. Differentiable in x, weight, scale and shift.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("fastdw: x and weight must be tensors")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fastdw: act must be one of 'none', 'relu', 'relu6', 'hardswish', 'silu'; got {act!r}")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    for name, t in (("weight", weight), ("scale", scale), ("shift", shift)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fastdw: {name} must be on the same device as x ({x.device}); got {t.device}")
+    b = resolve_backend(backend, x.device)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    if b == "triton":
+        return _triton_module().dwconv_bn_act_triton(x, weight, scale, shift, stride, padding, dilation, act)
+    if not HAS_OPS:
+        raise _missing_ext_error()
+    return _fwd_op(x, weight, scale, shift, stride, padding, dilation, act)

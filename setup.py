@@ -1,0 +1,152 @@
+"""Build fastdw._C: one extension with the CPU kernels and, where nvcc and a CUDA build of torch
+are present, the CUDA kernels.
+
+Knobs (all read here and printed at build start):
+  FASTDW_SKIP_CUDA_BUILD=1   build the CPU-only extension even where CUDA is available
+  FASTDW_CUDA_ARCHS          e.g. "8.0;9.0" or "80;86;89;90+PTX"; default: the visible GPUs'
+                             archs, else 8.0;9.0 (TORCH_CUDA_ARCH_LIST is used when set and this
+                             is not). Archs the installed nvcc cannot build are dropped with a note.
+  FASTDW_PTXAS_VERBOSE=1     pass --ptxas-options=-v (register / spill report per kernel)
+  NVCC_THREADS               nvcc --threads (default 2)
+  MAX_JOBS                   parallel compile jobs (torch's ninja build)
+  DEBUG=1                    -O0 -g host and device code (device debug info with -G is not on)
+Build with the torch you already have: pip install --no-build-isolation -e .
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "fastdw" / "version.py").read_text()).group(1)
+
+# torch.utils.cpp_extension reads CUDA_HOME when imported: pick the standard toolkit location
+# first, or torch may guess one that is not there.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def nvcc_path():
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def nvcc_supported_archs(nvcc):
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {m.group(1) for m in re.finditer(r"compute_(\d+[a-z]?)", out)}
+
+
+def requested_archs():
+    spec = os.environ.get("FASTDW_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not spec:
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            spec = ";".join(f"{a}.{b}" for a, b in caps)
+        else:
+            spec = "8.0;9.0"
+    archs = []
+    for tok in re.split(r"[;,\s]+", spec.strip()):
+        if not tok:
+            continue
+        ptx = tok.endswith("+PTX")
+        num = tok.replace("+PTX", "").replace(".", "")
+        if not re.fullmatch(r"\d+[a-z]?", num):
+            sys.exit(f"fastdw setup: cannot parse CUDA arch {tok!r} in {spec!r}")
+        archs.append((num, ptx))
+    return archs
+
+
+def gencode_flags(archs, supported):
+    flags, kept = [], []
+    for num, ptx in archs:
+        if supported is not None and num not in supported:
+            print(f"fastdw setup: nvcc cannot build sm_{num}; dropped")
+            continue
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+        if ptx:
+            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
+        kept.append(f"{num[:-1]}.{num[-1]}" + ("+PTX" if ptx else ""))
+    return flags, kept
+
+
+skip_cuda = env_flag("FASTDW_SKIP_CUDA_BUILD")
+nvcc = nvcc_path()
+with_cuda = (not skip_cuda) and nvcc is not None and torch.version.cuda is not None
+debug = env_flag("DEBUG")
+
+cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+
+opt = ["-O0", "-g"] if debug else ["-O3"]
+defines = [
+    f'-DFASTDW_VERSION_STR="{VERSION}"',
+    f'-DFASTDW_TORCH_VERSION_STR="{torch.__version__}"',
+]
+cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas"] + defines
+
+print("=" * 72)
+print(f"fastdw {VERSION} build: torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+print(f"  CUDA_HOME={CUDA_HOME}  nvcc={nvcc}")
+print(f"  FASTDW_SKIP_CUDA_BUILD={int(skip_cuda)}  DEBUG={int(debug)}  MAX_JOBS={os.environ.get('MAX_JOBS', '')}")
+
+if with_cuda:
+    archs, kept = gencode_flags(requested_archs(), nvcc_supported_archs(nvcc))
+    if not kept:
+        sys.exit("fastdw setup: no buildable CUDA arch left; set FASTDW_CUDA_ARCHS")
+    arch_str = ";".join(kept)
+    nvcc_flags = opt + defines + [
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
+        "--use_fast_math" if env_flag("FASTDW_FAST_MATH") else "-DFASTDW_NO_FAST_MATH",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        f"--threads={os.environ.get('NVCC_THREADS', '2')}",
+        f'-DFASTDW_CUDA_ARCHS_STR="{arch_str}"',
+        "-DFASTDW_WITH_CUDA",
+    ] + archs
+    if debug:
+        nvcc_flags.append("-g")
+    if env_flag("FASTDW_PTXAS_VERBOSE"):
+        nvcc_flags.append("--ptxas-options=-v")
+    cxx_flags += ["-DFASTDW_WITH_CUDA", f'-DFASTDW_CUDA_ARCHS_STR="{arch_str}"']
+    print(f"  building CUDA extension for archs: {arch_str}  (FASTDW_CUDA_ARCHS="
+          f"{os.environ.get('FASTDW_CUDA_ARCHS', '')!s})")
+    ext = CUDAExtension(
+        "fastdw._C",
+        sources=cpp_sources + cu_sources,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+else:
+    why = "FASTDW_SKIP_CUDA_BUILD=1" if skip_cuda else (
+        "torch is a CPU build" if torch.version.cuda is None else "nvcc not found")
+    print(f"  building CPU-only extension ({why})")
+    ext = CppExtension("fastdw._C", sources=cpp_sources, extra_compile_args={"cxx": cxx_flags})
+print("=" * 72)
+
+setup(
+    name="fastdw",
+    version=VERSION,
+    description="Fused depthwise conv + BatchNorm + activation kernels for PyTorch",
+    packages=find_packages(include=["fastdw", "fastdw.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    install_requires=[],
+    zip_safe=False,
+)

@@ -1,0 +1,486 @@
+"""Modules and model conversion: BN folding, DWConvBNAct2d, convert/revert on real networks (CPU, fp32)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdw
+from fastdw.convert import convert, register_pattern, revert
+from fastdw.nn import _ACT_FN, DWConvBNAct2d, FoldedBatchNorm2d, activation_kind, fold_bn
+
+ACT_MODULES = {
+    "none": nn.Identity,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hardswish": nn.Hardswish,
+    "silu": nn.SiLU,
+}
+
+
+def _rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def _randomize_bn(model, seed=0):
+    """Non-trivial BatchNorm state so that a wrong fold cannot pass as the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def _count_fused(model):
+    return sum(isinstance(m, DWConvBNAct2d) for m in model.modules())
+
+
+def _count_dw(model):
+    """(all depthwise convs, those that are exactly nn.Conv2d)."""
+    dw = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
+    ]
+    return len(dw), sum(type(m) is nn.Conv2d for m in dw)
+
+
+def _assert_close(out, ref, what="", rtol=1e-5):
+    err = _rel_err(out, ref)
+    assert err < rtol, f"{what}: max|out - ref| / max|ref| = {err:.3g}"
+
+
+def _close(actual, expected, what, rtol, atol):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# fold_bn / FoldedBatchNorm2d / activation mapping
+
+
+def test_activations_match_op():
+    assert set(_ACT_FN) == set(fastdw.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fold_bn_matches_eval_batchnorm(affine, with_bias):
+    torch.manual_seed(0)
+    c = 12
+    bn = _randomize_bn(nn.BatchNorm2d(c, eps=1e-3, affine=affine)).eval()
+    bias = torch.randn(c) if with_bias else None
+    x = torch.randn(2, c, 5, 7)
+    z = x if bias is None else x + bias.view(1, -1, 1, 1)
+    scale, shift = fold_bn(bn, bias)
+    assert scale.dtype == shift.dtype == torch.float32 and scale.shape == shift.shape == (c,)
+    torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(z), rtol=1e-6, atol=1e-6)
+
+
+def test_fold_bn_fp32_from_half_and_differentiable():
+    bn = _randomize_bn(nn.BatchNorm2d(8)).half()
+    scale, shift = fold_bn(bn, torch.randn(8, dtype=torch.half))
+    assert scale.dtype == shift.dtype == torch.float32
+    assert scale.requires_grad and shift.requires_grad
+    (scale.sum() + shift.sum()).backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+
+
+def test_fold_bn_without_running_stats_raises():
+    with pytest.raises(ValueError, match="running statistics"):
+        fold_bn(nn.BatchNorm2d(4, track_running_stats=False))
+
+
+def test_folded_batchnorm_shares_state():
+    bn = _randomize_bn(nn.BatchNorm2d(6)).eval()
+    folded = FoldedBatchNorm2d(bn)
+    for name, t in list(bn.named_parameters()) + list(bn.named_buffers()):
+        assert getattr(folded, name) is t
+    assert list(folded.state_dict()) == list(bn.state_dict())
+    assert not folded.training
+    x = torch.randn(1, 6, 3, 3)
+    assert folded(x) is x
+    folded.load_state_dict(_randomize_bn(nn.BatchNorm2d(6), seed=3).state_dict())
+    torch.testing.assert_close(bn.running_var, folded.running_var)
+
+
+def test_activation_kind():
+    assert activation_kind(None) == "none"
+    assert activation_kind(nn.Identity()) == "none"
+    assert activation_kind(nn.ReLU(inplace=True)) == "relu"
+    assert activation_kind(nn.ReLU6()) == "relu6"
+    assert activation_kind(nn.Hardtanh(0.0, 6.0)) == "relu6"
+    assert activation_kind(nn.Hardtanh(-1.0, 1.0)) is None
+    assert activation_kind(nn.Hardswish()) == "hardswish"
+    assert activation_kind(nn.SiLU()) == "silu"
+    assert activation_kind(nn.GELU()) is None
+    assert activation_kind(nn.Sigmoid()) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Standalone DWConvBNAct2d vs nn.Sequential(Conv2d, BatchNorm2d, act)
+
+
+def _standalone_pair(c, k, stride, bias, act, momentum=0.1):
+    fused = DWConvBNAct2d(c, kernel_size=k, stride=stride, bias=bias, act=act, momentum=momentum)
+    _randomize_bn(fused)
+    ref = nn.Sequential(
+        nn.Conv2d(c, c, k, stride=stride, padding=(k - 1) // 2, groups=c, bias=bias),
+        nn.BatchNorm2d(c, momentum=momentum),
+        ACT_MODULES[act](),
+    )
+    # fused keys: weight, bias, bn.* -> Sequential keys: 0.weight, 0.bias, 1.*
+    ref.load_state_dict(
+        {("1." + name[3:] if name.startswith("bn.") else "0." + name): t for name, t in fused.state_dict().items()}
+    )
+    return fused, ref
+
+
+@pytest.mark.parametrize("act", list(ACT_MODULES))
+@pytest.mark.parametrize("k,stride,bias", [(3, 1, False), (3, 2, True), (5, 1, True), (5, 2, False)])
+def test_standalone_matches_sequential(act, k, stride, bias):
+    torch.manual_seed(0)
+    fused, ref = _standalone_pair(7, k, stride, bias, act)
+    x = torch.randn(2, 7, 11, 10)
+
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        _assert_close(fused(x), ref(x), "eval")
+
+    fused.train(), ref.train()
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_f, out_r = fused(xf), ref(xr)
+    _assert_close(out_f, out_r, "train")
+    g = torch.randn_like(out_r)
+    out_f.backward(g)
+    out_r.backward(g)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.bn.weight.grad, ref[1].weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.bn.running_mean, ref[1].running_mean)
+    torch.testing.assert_close(fused.bn.running_var, ref[1].running_var)
+    assert fused.bn.num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 1
+
+
+def test_standalone_defaults_and_repr():
+    m = DWConvBNAct2d(16, kernel_size=5, stride=2, dilation=2)
+    assert m.padding == (4, 4) and m.stride == (2, 2) and m.dilation == (2, 2) and m.kernel_size == (5, 5)
+    assert m.weight.shape == (16, 1, 5, 5) and m.bias is None
+    assert list(m.state_dict()) == [
+        "weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"
+    ]
+    assert "act='relu6'" in repr(m) and "stride=(2, 2)" in repr(m)
+    with pytest.raises(ValueError, match="act"):
+        DWConvBNAct2d(4, act="gelu")
+
+
+def test_from_modules_registers_bn_without_slot():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
+    bn = _randomize_bn(nn.BatchNorm2d(8))
+    m = DWConvBNAct2d.from_modules(conv, bn, act=nn.ReLU6()).eval()
+    assert m.weight is conv.weight and m.bias is conv.bias and m.bn is bn
+    assert list(m.state_dict()) == ["weight", "bias"] + ["bn." + k for k in bn.state_dict()]
+    ref = nn.Sequential(conv, bn, nn.ReLU6()).eval()
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        _assert_close(m(x), ref(x))
+    with pytest.raises(ValueError, match="depthwise"):
+        DWConvBNAct2d.from_modules(nn.Conv2d(8, 16, 3, groups=8), nn.BatchNorm2d(16))
+
+
+def test_eval_cache_follows_parameter_updates():
+    torch.manual_seed(0)
+    fused, ref = _standalone_pair(6, 3, 1, True, "hardswish")
+    fused.eval(), ref.eval()
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        _assert_close(fused(x), ref(x))
+        assert fused._fold_cache is not None
+        new = _randomize_bn(copy.deepcopy(ref), seed=7)
+        new[0].bias.add_(1.0)
+        ref.load_state_dict(new.state_dict())
+        fused.bn.load_state_dict(new[1].state_dict())
+        fused.bias.copy_(new[0].bias)
+        _assert_close(fused(x), ref(x), "after in-place updates")
+    # with grad enabled nothing is cached and gradients reach the BN affine parameters
+    fused(x).sum().backward()
+    assert fused.bn.weight.grad is not None and fused.bias.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Whole networks
+
+
+def _tv(name):
+    tvm = pytest.importorskip("torchvision.models")
+    return lambda: getattr(tvm, name)(weights=None)
+
+
+def _timm(name):
+    def build():
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, pretrained=False)
+    return build
+
+
+MODELS = {
+    "tv_mobilenet_v2": _tv("mobilenet_v2"),
+    "tv_mobilenet_v3_small": _tv("mobilenet_v3_small"),
+    "tv_mobilenet_v3_large": _tv("mobilenet_v3_large"),
+    "tv_efficientnet_b0": _tv("efficientnet_b0"),
+    "tv_mnasnet0_5": _tv("mnasnet0_5"),
+    "timm_mobilenetv3_large_100": _timm("mobilenetv3_large_100"),
+    "timm_efficientnet_b0": _timm("efficientnet_b0"),
+    "timm_mobilenetv2_100": _timm("mobilenetv2_100"),
+    "timm_tf_efficientnet_b0": _timm("tf_efficientnet_b0"),  # stride-2 dw convs are Conv2dSame
+    "timm_mobilenetv4_conv_small": _timm("mobilenetv4_conv_small"),  # UIR blocks via ConvNormAct
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_network(name):
+    build = MODELS[name]
+    torch.manual_seed(0)
+    model = _randomize_bn(build()).eval()
+    stock = build().eval()  # a fresh stock model: target for the converted state_dict
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    stock_sd = copy.deepcopy(model.state_dict())  # keeps _metadata (MNASNet checks its version)
+    stock_keys = list(model.state_dict())
+    stock_params = [n for n, _ in model.named_parameters()]
+    stock_types = [(n, type(m)) for n, m in model.named_modules()]
+    n_dw, n_eligible = _count_dw(model)
+
+    assert convert(model) is model
+    n_fused = _count_fused(model)
+    assert n_fused > 0 and n_fused == n_eligible
+    if name == "timm_tf_efficientnet_b0":
+        assert n_eligible < n_dw
+    else:
+        assert n_eligible == n_dw
+    with torch.no_grad():
+        _assert_close(model(x), ref, "converted")
+
+    assert list(model.state_dict()) == stock_keys
+    assert [n for n, _ in model.named_parameters()] == stock_params
+    model.load_state_dict(stock_sd)
+    stock.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(stock(x), ref)
+
+    # converting again is a no-op
+    modules_before = list(model.modules())
+    convert(model)
+    assert list(model.modules()) == modules_before
+
+    assert revert(model) is model
+    assert [(n, type(m)) for n, m in model.named_modules()] == stock_types
+    assert list(model.state_dict()) == stock_keys
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_convert_follows_load_to_and_deepcopy():
+    """After convert the model keeps working through load_state_dict, .double() and deepcopy,
+    and revert hands the current tensors back to the stock modules."""
+    tvm = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = tvm.mobilenet_v2(weights=None).features[:5].eval()  # stem + 4 blocks: 4 fused layers
+    stock = _randomize_bn(copy.deepcopy(model), seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    convert(model)
+    assert _count_fused(model) == 4
+    with torch.no_grad():
+        model(x)  # fills the eval fold caches with the old statistics
+        model.load_state_dict(stock.state_dict())
+        _assert_close(model(x), stock(x), "after load_state_dict")
+
+        clone = copy.deepcopy(model)
+        for parent in clone.modules():
+            for name, child in parent._modules.items():
+                if isinstance(child, DWConvBNAct2d):
+                    assert any(child.bn is m for m in clone.modules())
+        _assert_close(clone(x), stock(x), "deepcopy")
+
+        model.double(), stock.double()
+        xd = x.double()
+        ref = stock(xd)
+        _assert_close(model(xd), ref, "double", rtol=1e-12)
+        revert(model)
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+        assert all(b.dtype == torch.float64 for b in model.buffers() if b.is_floating_point())
+        assert torch.equal(model(xd), ref)
+
+
+def _mv2_block():
+    tv = pytest.importorskip("torchvision.models.mobilenetv2")
+    return tv.InvertedResidual(16, 24, stride=2, expand_ratio=6)
+
+
+def _timm_ir_block():
+    blocks = pytest.importorskip("timm.models._efficientnet_blocks")
+    return blocks.InvertedResidual(16, 24, dw_kernel_size=5, stride=2, exp_ratio=6, act_layer=nn.SiLU)
+
+
+@pytest.mark.parametrize("block", [_mv2_block, _timm_ir_block], ids=["torchvision_mv2", "timm_ir"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_matches_stock(block, momentum):
+    torch.manual_seed(0)
+    stock = _randomize_bn(block())
+    for m in stock.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    fused = convert(copy.deepcopy(stock))
+    assert _count_fused(fused) == 1
+    stock.train(), fused.train()
+    opt_s = torch.optim.SGD(stock.parameters(), lr=0.1, momentum=0.9)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        x = torch.randn(4, 16, 12, 12)
+        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_s, out_f = stock(xs), fused(xf)
+        _assert_close(out_f, out_s, f"output, step {step}")
+        g = torch.randn_like(out_s)
+        out_s.backward(g)
+        out_f.backward(g)
+        torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-4, atol=1e-5)
+        for (ns, ps), (nf, pf) in zip(stock.named_parameters(), fused.named_parameters()):
+            assert ns == nf
+            _close(pf.grad, ps.grad, f"grad of {ns}", rtol=1e-4, atol=1e-4)
+        for (ns, bs), (nf, bf) in zip(stock.named_buffers(), fused.named_buffers()):
+            assert ns == nf
+            _close(bf, bs, f"buffer {ns}", rtol=1e-5, atol=1e-6)
+        opt_s.step(), opt_f.step()
+        opt_s.zero_grad(), opt_f.zero_grad()
+        for (ns, ps), (_, pf) in zip(stock.named_parameters(), fused.named_parameters()):
+            # SGD with momentum carries the fp32 rounding of the gradients (~1e-5 relative) along
+            _close(pf, ps, f"param {ns} after step {step}", rtol=1e-4, atol=1e-5)
+    stock.eval(), fused.eval()
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        _assert_close(fused(x), stock(x), "eval after training")
+
+
+def test_frozen_batchnorm_in_training_model():
+    """model.train() with BatchNorms put back in eval: the fused path with grads to gamma/beta."""
+    torch.manual_seed(0)
+    stock = _randomize_bn(_mv2_block()).train()
+    fused = convert(copy.deepcopy(stock))
+    for m in list(stock.modules()) + list(fused.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    x = torch.randn(2, 16, 10, 10)
+    out_s, out_f = stock(x), fused(x)
+    _assert_close(out_f, out_s)
+    out_s.square().sum().backward()
+    out_f.square().sum().backward()
+    for (n, ps), (_, pf) in zip(stock.named_parameters(), fused.named_parameters()):
+        _close(pf.grad, ps.grad, f"grad of {n}", rtol=1e-4, atol=1e-4)
+    for (n, bs), (_, bf) in zip(stock.named_buffers(), fused.named_buffers()):
+        assert torch.equal(bs, bf), n
+
+
+# --------------------------------------------------------------------------------------------
+# What is left alone
+
+
+def _seq(conv, norm, act):
+    return _randomize_bn(nn.Sequential(conv, norm, act)).eval()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(lambda: _seq(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()), id="dense"),
+        pytest.param(lambda: _seq(nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.BatchNorm2d(16), nn.ReLU()),
+                     id="multiplier2"),
+        pytest.param(lambda: _seq(nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"),
+                                  nn.BatchNorm2d(8), nn.ReLU()), id="reflect"),
+        pytest.param(lambda: _seq(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GroupNorm(2, 8), nn.ReLU()),
+                     id="groupnorm"),
+        pytest.param(lambda: _seq(nn.Conv2d(8, 8, 4, padding="same", groups=8), nn.BatchNorm2d(8), nn.ReLU()),
+                     id="same_even_kernel"),
+        pytest.param(lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.BatchNorm2d(8)),
+                     id="act_before_bn"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_unsupported_left_alone(model):
+    m = model().eval()
+    types = [type(c) for c in m.modules()]
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        ref = m(x)
+        convert(m)
+        assert [type(c) for c in m.modules()] == types
+        assert torch.equal(m(x), ref)
+
+
+def test_hooked_conv_left_alone():
+    m = _seq(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU())
+    m[0].register_forward_hook(lambda *args: None)
+    convert(m)
+    assert _count_fused(m) == 0
+
+
+def test_unfusable_activation_kept():
+    torch.manual_seed(0)
+    m = _seq(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.GELU())
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        ref = m(x)
+        convert(m)
+        assert type(m[0]) is DWConvBNAct2d and m[0].act == "none"
+        assert type(m[1]) is FoldedBatchNorm2d and type(m[2]) is nn.GELU
+        _assert_close(m(x), ref)
+        revert(m)
+        assert [type(c) for c in m] == [nn.Conv2d, nn.BatchNorm2d, nn.GELU]
+
+
+@pytest.mark.parametrize(
+    "act,kind",
+    [(nn.Hardtanh(0.0, 6.0), "relu6"), (nn.Hardtanh(-1.0, 1.0), "none"), (nn.Identity(), "none")],
+)
+def test_same_padding_and_activation_variants(act, kind):
+    torch.manual_seed(0)
+    m = _seq(nn.Conv2d(8, 8, 5, padding="same", dilation=2, groups=8, bias=True), nn.BatchNorm2d(8), act)
+    x = torch.randn(1, 8, 13, 13)
+    with torch.no_grad():
+        ref = m(x)
+        convert(m)
+        assert type(m[0]) is DWConvBNAct2d and m[0].act == kind and m[0].padding == (4, 4)
+        assert (type(m[2]) is nn.Identity) == (kind != "none" or type(act) is nn.Identity)
+        _assert_close(m(x), ref)
+
+
+class _CustomBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.norm(self.dw(x)))
+
+
+def test_register_pattern():
+    torch.manual_seed(0)
+    m = _randomize_bn(_CustomBlock()).eval()
+    x = torch.randn(1, 8, 7, 7)
+    with torch.no_grad():
+        ref = m(x)
+        convert(m)
+        assert _count_fused(m) == 0
+        register_pattern(type(m).__module__ + "." + type(m).__qualname__, "dw", "norm")
+        convert(m)
+        assert type(m.dw) is DWConvBNAct2d and type(m.norm) is FoldedBatchNorm2d
+        _assert_close(m(x), ref)
