@@ -88,6 +88,8 @@ nvcc = nvcc_path()
 with_cuda = (not skip_cuda) and nvcc is not None and torch.version.cuda is not None
 debug = env_flag("DEBUG")
 
+# Every csrc/**/*.cpp and (CUDA builds) csrc/**/*.cu: adding a kernel file needs no edit here.
+# CMakeLists.txt globs the same way (minus bindings.cpp, the pybind11 part of the extension).
 cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
 cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
 

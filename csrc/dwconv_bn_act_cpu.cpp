@@ -51,7 +51,7 @@ inline T act_fwd(T u) {
   if constexpr (A == Act::None) {
     return u;
   } else if constexpr (A == Act::Relu) {
-    return u > T(0) ? u : T(0);
+    return (u > T(0) || u != u) ? u : T(0);  // NaN propagates, as in F.relu
   } else if constexpr (A == Act::Relu6) {
     return std::min(std::max(u, T(0)), T(6));
   } else if constexpr (A == Act::Hardswish) {
@@ -66,11 +66,11 @@ inline T act_bwd(T u, T g) {
   if constexpr (A == Act::None) {
     return g;
   } else if constexpr (A == Act::Relu) {
-    return u > T(0) ? g : T(0);
+    return u <= T(0) ? T(0) : g;  // threshold_backward: NaN passes the gradient
   } else if constexpr (A == Act::Relu6) {
-    return (u > T(0) && u < T(6)) ? g : T(0);
+    return (u <= T(0) || u >= T(6)) ? T(0) : g;  // hardtanh_backward
   } else if constexpr (A == Act::Hardswish) {
-    return u < T(-3) ? T(0) : (u <= T(3) ? g * (u / T(3) + T(0.5)) : g);
+    return u <= T(-3) ? T(0) : (u < T(3) ? g * (u / T(3) + T(0.5)) : g);  // hardswish_backward
   } else {
     const T s = T(1) / (T(1) + std::exp(-u));
     return g * s * (T(1) + u * (T(1) - s));
@@ -278,15 +278,55 @@ FASTDW_CLONES void conv_cols_nhwc_interior(acc_t* __restrict z, const acc_t* con
     }
 }
 
+// Border columns, K fixed: like the interior loop, but the taps that fall into the horizontal
+// padding are skipped (decided once per output column, not per channel).
+template <typename acc_t, int K>
+FASTDW_CLONES void conv_cols_nhwc_edge(acc_t* __restrict z, const acc_t* const* rows, const acc_t* __restrict wt,
+                                       int64_t ow_begin, int64_t ow_end, int64_t C, int64_t W, int64_t sw,
+                                       int64_t pw, int64_t dw) {
+  using vec_t = typename Vec32<acc_t>::type;
+  constexpr int64_t V = 32 / sizeof(acc_t);
+  for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+    int64_t iws[K];
+    int nk = 0, kws[K];
+    for (int kw = 0; kw < K; ++kw) {
+      const int64_t iw = ow * sw - pw + kw * dw;
+      if (iw >= 0 && iw < W) {
+        kws[nk] = kw;
+        iws[nk++] = iw * C;
+      }
+    }
+    acc_t* zr = z + ow * C;
+    int64_t c0 = 0;
+    for (; c0 + V <= C; c0 += V) {
+      vec_t s = {};
+      for (int kh = 0; kh < K; ++kh)
+        for (int j = 0; j < nk; ++j) {
+          vec_t xv, wv;
+          std::memcpy(&xv, rows[kh] + iws[j] + c0, sizeof(vec_t));
+          std::memcpy(&wv, wt + (kh * K + kws[j]) * C + c0, sizeof(vec_t));
+          s += wv * xv;
+        }
+      std::memcpy(zr + c0, &s, sizeof(vec_t));
+    }
+    for (; c0 < C; ++c0) {
+      acc_t s = 0;
+      for (int kh = 0; kh < K; ++kh)
+        for (int j = 0; j < nk; ++j) s += wt[(kh * K + kws[j]) * C + c0] * rows[kh][iws[j] + c0];
+      zr[c0] = s;
+    }
+  }
+}
+
 template <typename acc_t, int K>
 inline void conv_row_nhwc(acc_t* z, const acc_t* const* rows, const acc_t* wt, int64_t OW, int64_t C, int64_t W,
                           int64_t KH, int64_t KW, int64_t sw, int64_t pw, int64_t dw, int64_t ow_lo, int64_t ow_hi) {
   if constexpr (K == 0) {
     conv_cols_nhwc_checked<acc_t>(z, rows, wt, 0, OW, C, W, KH, KW, sw, pw, dw);
   } else {
-    conv_cols_nhwc_checked<acc_t>(z, rows, wt, 0, ow_lo, C, W, KH, KW, sw, pw, dw);
+    conv_cols_nhwc_edge<acc_t, K>(z, rows, wt, 0, ow_lo, C, W, sw, pw, dw);
     conv_cols_nhwc_interior<acc_t, K>(z, rows, wt, ow_lo, ow_hi, C, sw, pw, dw);
-    conv_cols_nhwc_checked<acc_t>(z, rows, wt, std::max(ow_lo, ow_hi), OW, C, W, KH, KW, sw, pw, dw);
+    conv_cols_nhwc_edge<acc_t, K>(z, rows, wt, std::max(ow_lo, ow_hi), OW, C, W, sw, pw, dw);
   }
 }
 

@@ -1,0 +1,110 @@
+"""Build facts, backend selection and the layer registry."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdw
+from fastdw import layers
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cand = os.path.join(home, "bin", "nvcc")
+    return cand if os.path.exists(cand) else shutil.which("nvcc")
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    # the nvidia-cuda-cuobjdump wheel (a test dependency) puts it under site-packages
+    for base in sys.path:
+        hits = glob.glob(os.path.join(base, "nvidia", "cu*", "bin", "cuobjdump"))
+        if hits:
+            return hits[0]
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cand = os.path.join(home, "bin", "cuobjdump")
+    return cand if os.path.exists(cand) else None
+
+
+def test_extension_imports_and_reports():
+    assert fastdw.HAS_EXT, fastdw.build_info()
+    info = fastdw.build_info()
+    assert info["version"] == fastdw.__version__
+    assert info["torch_version"] == torch.__version__
+    assert "cpu" in info["backends"]
+    assert "cpu" in fastdw.available_backends()
+
+
+CUDA_EXPECTED = (_nvcc() is not None and torch.version.cuda is not None
+                 and os.environ.get("FASTDW_SKIP_CUDA_BUILD", "0") in ("", "0"))
+
+
+@pytest.mark.skipif(not CUDA_EXPECTED, reason="no nvcc or a CPU build of torch: CPU-only build expected")
+def test_cuda_extension_was_not_silently_skipped():
+    info = fastdw.build_info()
+    assert info["with_cuda"], f"nvcc is at {_nvcc()} but fastdw was built without CUDA: {info}"
+    assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+    archs = set(info["cuda_archs"])
+    wanted = os.environ.get("FASTDW_CUDA_ARCHS")
+    if not wanted and not torch.cuda.is_available():
+        assert {"8.0", "9.0"} <= archs, archs
+
+
+@pytest.mark.skipif(not CUDA_EXPECTED, reason="CPU-only build")
+def test_binary_holds_sass_for_every_compiled_arch():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    so = Path(fastdw._C.__file__)
+    out = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True).stdout
+    sass = set(re.findall(r"\.sm_(\d+)[a-z]?\.cubin", out))
+    for arch in fastdw.build_info()["cuda_archs"]:
+        num = arch.replace("+PTX", "").replace(".", "")
+        assert num in sass, f"no SASS for sm_{num} in {so.name}: {out}"
+
+
+def test_backend_selection_on_cpu(monkeypatch):
+    x = torch.randn(1, 4, 6, 6)
+    w = torch.randn(4, 1, 3, 3)
+    ref = fastdw.dwconv_bn_act(x, w, backend="cpu")
+    torch.testing.assert_close(fastdw.dwconv_bn_act(x, w), ref)
+    assert fastdw.resolve_backend("auto", x.device) == "cpu"
+    monkeypatch.setenv("FASTDW_BACKEND", "cpu")
+    torch.testing.assert_close(fastdw.dwconv_bn_act(x, w), ref)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        fastdw.dwconv_bn_act(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastdw.dwconv_bn_act(x, w, backend="cudnn")
+    monkeypatch.setenv("FASTDW_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTDW_BACKEND must be one of"):
+        fastdw.dwconv_bn_act(x, w)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU backend")
+def test_triton_backend_unavailable_is_a_clear_error():
+    x = torch.randn(1, 4, 6, 6)
+    w = torch.randn(4, 1, 3, 3)
+    if "triton" in fastdw.available_backends():
+        pytest.skip("the Triton backend is available here")
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        fastdw.dwconv_bn_act(x, w, backend="triton")
+
+
+@pytest.mark.parametrize("net", sorted(layers.NETWORKS))
+def test_layer_registry_matches_torchvision(net):
+    torchvision = pytest.importorskip("torchvision")
+    model = getattr(torchvision.models, net)()
+    assert layers.extract_dw_layers(model, net) == layers.NETWORKS[net]
+
+
+def test_mobilenet_v2_has_17_depthwise_layers():
+    assert len(layers.MOBILENET_V2) == 17
+    assert all(layer.k == 3 and layer.act == "relu6" for layer in layers.MOBILENET_V2)
