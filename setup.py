@@ -98,7 +98,10 @@ defines = [
     f'-DFASTDW_VERSION_STR="{VERSION}"',
     f'-DFASTDW_TORCH_VERSION_STR="{torch.__version__}"',
 ]
-cxx_flags = opt + ["-Wall", "-Wno-unknown-pragmas"] + defines
+# at::parallel_for is header code (#pragma omp parallel): without -fopenmp it silently runs on one
+# thread. Linking -fopenmp resolves to the libgomp.so.1 torch already loaded (same soname).
+cxx_flags = opt + ["-Wall", "-fopenmp"] + defines
+link_flags = ["-fopenmp"]
 
 print("=" * 72)
 print(f"fastdw {VERSION} build: torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
@@ -133,12 +136,14 @@ if with_cuda:
         "fastdw._C",
         sources=cpp_sources + cu_sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
     why = "FASTDW_SKIP_CUDA_BUILD=1" if skip_cuda else (
         "torch is a CPU build" if torch.version.cuda is None else "nvcc not found")
     print(f"  building CPU-only extension ({why})")
-    ext = CppExtension("fastdw._C", sources=cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("fastdw._C", sources=cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
 print("=" * 72)
 
 setup(

@@ -75,7 +75,7 @@ def test_backward(benchmark, smoke, layer, provider, layout):
     grads = torch.autograd.grad(y, params, dy)
     ref = torch.autograd.grad(blk(x), params, dy)
     for a, b in zip(grads, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # sums over N*H*W terms
     y = fwd()
     benchmark.group = f"backward-{layout}-L{L.index:02d}"
     benchmark.extra_info.update(C=L.C, H=L.H, W=L.W, stride=L.stride, N=n)

@@ -215,67 +215,56 @@ struct Vec32<double> {
   using type = vec4d_t;
 };
 
-// Interior columns, K fixed. Channels go in blocks of one 32-byte vector (8 fp32 / 4 fp64; GCC
-// vector extensions, lowered to whatever the clone's ISA has): the block's K*K weight vectors are
-// loaded once and stay in registers across the whole row, so each output vector costs K*K input
-// loads, K*K multiply-adds and one store.
+// B consecutive interior output columns starting at ow, all channels. Channels go in blocks of
+// one 32-byte vector (8 fp32 / 4 fp64; GCC vector extensions, lowered to whatever the clone's ISA
+// has): each weight vector is loaded once per tap and used for the B columns, whose B
+// independent accumulation chains hide the add latency. Columns are the outer loop so the input
+// rows stream through the cache once (a channel-block-outer order re-reads them per block).
+template <typename acc_t, int K, int B>
+inline __attribute__((always_inline)) void conv_block_nhwc(acc_t* __restrict z, const acc_t* const* r,
+                                                           const acc_t* __restrict wt, int64_t ow, int64_t C,
+                                                           int64_t sw, int64_t pw, int64_t dw) {
+  using vec_t = typename Vec32<acc_t>::type;
+  constexpr int64_t V = 32 / sizeof(acc_t);
+  const int64_t x0 = (ow * sw - pw) * C, step = sw * C, tap = dw * C;
+  acc_t* zb = z + ow * C;
+  int64_t c0 = 0;
+  for (; c0 + V <= C; c0 += V) {
+    vec_t s[B] = {};
+    for (int kh = 0; kh < K; ++kh) {
+      const acc_t* xr = r[kh] + x0 + c0;
+      for (int kw = 0; kw < K; ++kw) {
+        vec_t wv;
+        std::memcpy(&wv, wt + (kh * K + kw) * C + c0, sizeof(vec_t));
+        for (int b = 0; b < B; ++b) {
+          vec_t xv;
+          std::memcpy(&xv, xr + kw * tap + b * step, sizeof(vec_t));
+          s[b] += wv * xv;
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b) std::memcpy(zb + b * C + c0, &s[b], sizeof(vec_t));
+  }
+  for (; c0 < C; ++c0)  // channels past the last full vector
+    for (int b = 0; b < B; ++b) {
+      acc_t sc = 0;
+      for (int kh = 0; kh < K; ++kh)
+        for (int kw = 0; kw < K; ++kw) sc += wt[(kh * K + kw) * C + c0] * r[kh][x0 + b * step + kw * tap + c0];
+      zb[b * C + c0] = sc;
+    }
+}
+
+// Interior columns [ow_begin, ow_end), K fixed: no tap falls into the horizontal padding.
 template <typename acc_t, int K>
 FASTDW_CLONES void conv_cols_nhwc_interior(acc_t* __restrict z, const acc_t* const* rows,
                                            const acc_t* __restrict wt, int64_t ow_begin, int64_t ow_end,
                                            int64_t C, int64_t sw, int64_t pw, int64_t dw) {
-  using vec_t = typename Vec32<acc_t>::type;
-  constexpr int64_t V = 32 / sizeof(acc_t);
-  static_assert(sizeof(vec_t) == 32, "one 32-byte vector of acc_t");
   const acc_t* r[K];
   for (int kh = 0; kh < K; ++kh) r[kh] = rows[kh];
-  const int64_t step = sw * C, tap = dw * C;
-  int64_t c0 = 0;
-  for (; c0 + V <= C; c0 += V) {
-    vec_t wv[K * K];
-    for (int t = 0; t < K * K; ++t) std::memcpy(&wv[t], wt + t * C + c0, sizeof(vec_t));
-    const acc_t* xb[K];
-    for (int kh = 0; kh < K; ++kh) xb[kh] = r[kh] + (ow_begin * sw - pw) * C + c0;
-    acc_t* zp = z + ow_begin * C + c0;
-    int64_t ow = ow_begin;
-    // Four outputs at a time: four independent accumulation chains hide the add latency, which
-    // otherwise bounds a single K*K-long chain.
-    constexpr int B = 4;
-    for (; ow + B <= ow_end; ow += B) {
-      vec_t s[B] = {};
-      for (int kh = 0; kh < K; ++kh)
-        for (int kw = 0; kw < K; ++kw) {
-          const vec_t wk = wv[kh * K + kw];
-          for (int b = 0; b < B; ++b) {
-            vec_t xv;
-            std::memcpy(&xv, xb[kh] + kw * tap + b * step, sizeof(vec_t));
-            s[b] += wk * xv;
-          }
-        }
-      for (int b = 0; b < B; ++b) std::memcpy(zp + b * C, &s[b], sizeof(vec_t));
-      zp += B * C;
-      for (int kh = 0; kh < K; ++kh) xb[kh] += B * step;
-    }
-    for (; ow < ow_end; ++ow) {
-      vec_t s = {};
-      for (int kh = 0; kh < K; ++kh)
-        for (int kw = 0; kw < K; ++kw) {
-          vec_t xv;
-          std::memcpy(&xv, xb[kh] + kw * tap, sizeof(vec_t));
-          s += wv[kh * K + kw] * xv;
-        }
-      std::memcpy(zp, &s, sizeof(vec_t));
-      zp += C;
-      for (int kh = 0; kh < K; ++kh) xb[kh] += step;
-    }
-  }
-  for (; c0 < C; ++c0)  // channels past the last full vector
-    for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-      const int64_t i0 = (ow * sw - pw) * C + c0;
-      acc_t s = 0;
-      for (int kh = 0; kh < K; ++kh)
-        for (int kw = 0; kw < K; ++kw) s += wt[(kh * K + kw) * C + c0] * r[kh][i0 + kw * tap];
-      z[ow * C + c0] = s;
-    }
+  constexpr int B = 4;
+  int64_t ow = ow_begin;
+  for (; ow + B <= ow_end; ow += B) conv_block_nhwc<acc_t, K, B>(z, r, wt, ow, C, sw, pw, dw);
+  for (; ow < ow_end; ++ow) conv_block_nhwc<acc_t, K, 1>(z, r, wt, ow, C, sw, pw, dw);
 }
 
 // Border columns, K fixed: like the interior loop, but the taps that fall into the horizontal
