@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "activations.h"
 #include "dwconv_bn_act_host.h"
 #include "params.h"
 
@@ -42,51 +43,6 @@
 
 namespace fastdw {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Activations. Formulas follow PyTorch's CPU kernels (hardtanh, hardswish, silu) so fp32 results
-// agree to rounding; derivatives follow PyTorch's backward conventions at the kinks.
-template <Act A, typename T>
-inline T act_fwd(T u) {
-  if constexpr (A == Act::None) {
-    return u;
-  } else if constexpr (A == Act::Relu) {
-    return (u > T(0) || u != u) ? u : T(0);  // NaN propagates, as in F.relu
-  } else if constexpr (A == Act::Relu6) {
-    return std::min(std::max(u, T(0)), T(6));
-  } else if constexpr (A == Act::Hardswish) {
-    return u * std::min(std::max(u + T(3), T(0)), T(6)) / T(6);
-  } else {
-    return u / (T(1) + std::exp(-u));
-  }
-}
-
-template <Act A, typename T>
-inline T act_bwd(T u, T g) {
-  if constexpr (A == Act::None) {
-    return g;
-  } else if constexpr (A == Act::Relu) {
-    return u <= T(0) ? T(0) : g;  // threshold_backward: NaN passes the gradient
-  } else if constexpr (A == Act::Relu6) {
-    return (u <= T(0) || u >= T(6)) ? T(0) : g;  // hardtanh_backward
-  } else if constexpr (A == Act::Hardswish) {
-    return u <= T(-3) ? T(0) : (u < T(3) ? g * (u / T(3) + T(0.5)) : g);  // hardswish_backward
-  } else {
-    const T s = T(1) / (T(1) + std::exp(-u));
-    return g * s * (T(1) + u * (T(1) - s));
-  }
-}
-
-template <typename F>
-inline void act_switch(Act act, F&& f) {
-  switch (act) {
-    case Act::None: f(std::integral_constant<Act, Act::None>{}); break;
-    case Act::Relu: f(std::integral_constant<Act, Act::Relu>{}); break;
-    case Act::Relu6: f(std::integral_constant<Act, Act::Relu6>{}); break;
-    case Act::Hardswish: f(std::integral_constant<Act, Act::Hardswish>{}); break;
-    case Act::Silu: f(std::integral_constant<Act, Act::Silu>{}); break;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Row primitives (the only hot loops). `acc_t` is float or double.

@@ -16,4 +16,15 @@ TORCH_LIBRARY(fastdw, m) {
       "_dwconv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? scale, "
       "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, str act, "
       "bool[4] output_mask, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Debug ops, CPU only: the GPU kernels' per-thread bodies run on the host
+  // (dwconv_bn_act_emulate.cpp), so their indexing is tested on machines without a GPU.
+  m.def(
+      "_dwconv_bn_act_gpu_emulated(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int[2] stride, "
+      "int[2] padding, int[2] dilation, str act) -> Tensor");
+  m.def(
+      "_dwconv_bn_act_backward_gpu_emulated(Tensor grad_out, Tensor x, Tensor weight, Tensor? scale, "
+      "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, str act, "
+      "bool[4] output_mask, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_dwconv_bn_act_gpu_path(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> str");
 }

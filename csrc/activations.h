@@ -1,0 +1,84 @@
+// Epilogue activations and their derivatives, shared by the CPU kernels, the CUDA kernels and the
+// host emulation of the CUDA kernels. Formulas follow PyTorch's kernels (hardtanh, hardswish,
+// silu) so fp32 results agree to rounding; derivatives follow PyTorch's backward conventions at
+// the kinks (threshold_backward, hardtanh_backward, hardswish_backward); NaN propagates.
+#pragma once
+#include <cmath>
+#include <type_traits>
+
+#include "params.h"
+
+#if defined(__CUDACC__)
+#define FASTDW_HD __host__ __device__ __forceinline__
+#else
+#define FASTDW_HD inline
+#endif
+
+namespace fastdw {
+
+FASTDW_HD float fexp(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+FASTDW_HD double fexp(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+// min(max(u, lo), hi) with NaN passing through (as std::min(std::max(...)) does).
+template <typename T>
+FASTDW_HD T clamp_nan(T u, T lo, T hi) {
+  return u < lo ? lo : (u > hi ? hi : u);
+}
+
+template <Act A, typename T>
+FASTDW_HD T act_fwd(T u) {
+  if constexpr (A == Act::None) {
+    return u;
+  } else if constexpr (A == Act::Relu) {
+    return (u > T(0) || u != u) ? u : T(0);
+  } else if constexpr (A == Act::Relu6) {
+    return clamp_nan(u, T(0), T(6));
+  } else if constexpr (A == Act::Hardswish) {
+    return u * clamp_nan(u + T(3), T(0), T(6)) / T(6);
+  } else {
+    return u / (T(1) + fexp(-u));
+  }
+}
+
+template <Act A, typename T>
+FASTDW_HD T act_bwd(T u, T g) {
+  if constexpr (A == Act::None) {
+    return g;
+  } else if constexpr (A == Act::Relu) {
+    return u <= T(0) ? T(0) : g;
+  } else if constexpr (A == Act::Relu6) {
+    return (u <= T(0) || u >= T(6)) ? T(0) : g;
+  } else if constexpr (A == Act::Hardswish) {
+    return u <= T(-3) ? T(0) : (u < T(3) ? g * (u / T(3) + T(0.5)) : g);
+  } else {
+    const T s = T(1) / (T(1) + fexp(-u));
+    return g * s * (T(1) + u * (T(1) - s));
+  }
+}
+
+// Runtime activation -> compile-time constant: f(std::integral_constant<Act, A>{}).
+template <typename F>
+inline void act_switch(Act act, F&& f) {
+  switch (act) {
+    case Act::None: f(std::integral_constant<Act, Act::None>{}); break;
+    case Act::Relu: f(std::integral_constant<Act, Act::Relu>{}); break;
+    case Act::Relu6: f(std::integral_constant<Act, Act::Relu6>{}); break;
+    case Act::Hardswish: f(std::integral_constant<Act, Act::Hardswish>{}); break;
+    case Act::Silu: f(std::integral_constant<Act, Act::Silu>{}); break;
+  }
+}
+
+}  // namespace fastdw

@@ -1,0 +1,61 @@
+// CPU emulation of the GPU kernels: fastdw::_dwconv_bn_act_gpu_emulated and its backward run the
+// exact per-thread bodies of dwconv_bn_act_kernels.h, planned by dwconv_bn_act_gpu_host.h, in a
+// loop over every thread index. The bodies write disjoint outputs (no shared memory, barriers or
+// atomics), so looping over them in any order reproduces the GPU result; tests compare it with
+// the reference on every machine, GPU or not. Debug ops: slow, not for users.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "dwconv_bn_act_gpu_host.h"
+
+namespace fastdw {
+namespace {
+
+struct CpuExec {
+  template <class Tag, class ArgT>
+  void operator()(Tag, const ArgT& a, int64_t n) const {
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) Tag::body(a, i);
+    });
+  }
+};
+
+at::Tensor emulated_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                        const c10::optional<at::Tensor>& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, c10::string_view act) {
+  GpuFwdPlan g = plan_fwd(x, weight, scale, shift, stride, padding, dilation, std::string(act));
+  schedule_fwd(g, CpuExec{});
+  return g.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, c10::string_view act, std::array<bool, 4> output_mask, bool deterministic) {
+  (void)deterministic;  // the GPU reductions are deterministic by construction
+  GpuBwdPlan g = plan_bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, std::string(act), output_mask);
+  schedule_bwd(g, CpuExec{});
+  return bwd_outputs(g, scale, shift);
+}
+
+// Which forward path the GPU launcher takes for these arguments (for tests of the dispatch).
+std::string emulated_fwd_path(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+  GpuFwdPlan g = plan_fwd(x, weight, c10::nullopt, c10::nullopt, stride, padding, dilation, "none");
+  switch (g.path) {
+    case kern::FwdPath::NhwcVec3: return "nhwc_vec3";
+    case kern::FwdPath::NhwcVec5: return "nhwc_vec5";
+    case kern::FwdPath::NhwcVec7: return "nhwc_vec7";
+    default: return "general";
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
+  m.impl("_dwconv_bn_act_gpu_emulated", &emulated_fwd);
+  m.impl("_dwconv_bn_act_backward_gpu_emulated", &emulated_bwd);
+  m.impl("_dwconv_bn_act_gpu_path", &emulated_fwd_path);
+}
+
+}  // namespace fastdw

@@ -1,0 +1,124 @@
+"""The CUDA kernels' per-thread bodies, run on the CPU by the emulation ops.
+
+torch.ops.fastdw._dwconv_bn_act_gpu_emulated / _backward_gpu_emulated execute exactly the bodies
+that csrc/dwconv_bn_act_{fwd,bwd}.cu launch (same plan, same path choice), one thread index at a
+time. These tests check their indexing, vector paths, bounds and reductions against the
+reference on any machine; on a GPU, test_dwconv_bn_act.py runs the real kernels.
+"""
+import pytest
+import torch
+
+from fastdw.reference import dwconv_bn_act_ref
+
+EMU_FWD = torch.ops.fastdw._dwconv_bn_act_gpu_emulated.default
+EMU_BWD = torch.ops.fastdw._dwconv_bn_act_backward_gpu_emulated.default
+PATH = torch.ops.fastdw._dwconv_bn_act_gpu_path.default
+
+CONFIGS = [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 1), (5, 1, 2, 1), (5, 2, 2, 1), (7, 1, 3, 1), (7, 2, 3, 1),
+           (3, 1, 2, 2), (4, 3, 0, 1)]
+ACTS = ["none", "relu", "relu6", "hardswish", "silu"]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.to(memory_format=torch.channels_last)
+    if layout == "sliced_cl":  # channels_last view at an offset that is not 16-byte aligned
+        big = torch.empty(x.shape[0], x.shape[1] + 1, x.shape[2], x.shape[3], dtype=x.dtype)
+        big = big.to(memory_format=torch.channels_last)[:, 1:]
+        big.copy_(x)
+        return big
+    return x.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [8, 17, 32])
+def test_forward_bodies_match_reference(C, dtype, layout):
+    fails = []
+    for k, s, p, d in CONFIGS:
+        x = _layout(torch.randn(2, C, 11, 13).to(dtype), layout)
+        w = torch.randn(C, 1, k, k).to(dtype)
+        sc, sh = torch.rand(C) + 0.5, torch.randn(C)
+        for act in ACTS:
+            y = EMU_FWD(x, w, sc, sh, [s, s], [p, p], [d, d], act)
+            ref = dwconv_bn_act_ref(x, w, sc, sh, s, p, d, act)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last if layout != "contiguous"
+                                                        else torch.contiguous_format)
+            err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+            if not err <= TOL[dtype]:
+                fails.append(f"k{k}s{s}p{p}d{d} {act} path={PATH(x, w, [s, s], [p, p], [d, d])}: rel err {err:.2e}")
+    assert not fails, "\n".join(fails)
+
+
+def test_forward_path_choice():
+    x = torch.randn(2, 16, 9, 9).to(memory_format=torch.channels_last)
+    for k, expected in ((3, "nhwc_vec3"), (5, "nhwc_vec5"), (7, "nhwc_vec7"), (4, "general")):
+        assert PATH(x, torch.randn(16, 1, k, k), [1, 1], [1, 1], [1, 1]) == expected
+    w = torch.randn(16, 1, 3, 3)
+    assert PATH(x.contiguous(), w, [1, 1], [1, 1], [1, 1]) == "general"  # NCHW
+    x17 = torch.randn(2, 17, 9, 9).to(memory_format=torch.channels_last)
+    assert PATH(x17, torch.randn(17, 1, 3, 3), [1, 1], [1, 1], [1, 1]) == "general"  # C % 4 != 0
+    assert PATH(_layout(torch.randn(2, 16, 9, 9), "sliced_cl"), w, [1, 1], [1, 1], [1, 1]) == "general"  # unaligned
+    assert PATH(x.half(), w.half(), [2, 2], [1, 1], [1, 1]) == "nhwc_vec3"
+    x12 = torch.randn(2, 12, 9, 9).half().to(memory_format=torch.channels_last)  # 12 % 8 != 0 in fp16
+    assert PATH(x12, torch.randn(12, 1, 3, 3).half(), [1, 1], [1, 1], [1, 1]) == "general"
+
+
+def test_unaligned_channels_last_input_is_correct():
+    x = _layout(torch.randn(2, 16, 9, 9), "sliced_cl")
+    w = torch.randn(16, 1, 3, 3)
+    y = EMU_FWD(x, w, None, None, [1, 1], [1, 1], [1, 1], "relu6")
+    torch.testing.assert_close(y, dwconv_bn_act_ref(x, w, None, None, 1, 1, 1, "relu6"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("C", [8, 17])
+def test_backward_bodies_match_reference(C, layout):
+    fails = []
+    for k, s, p, d in CONFIGS:
+        for act in ACTS:
+            x = _layout(torch.randn(2, C, 11, 13, dtype=torch.float64), layout)
+            w = torch.randn(C, 1, k, k, dtype=torch.float64)
+            sc, sh = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+            leaves = [t.clone().requires_grad_(True) for t in (x, w, sc, sh)]
+            ref = dwconv_bn_act_ref(*leaves, s, p, d, act)
+            g = torch.randn_like(ref)
+            want = torch.autograd.grad(ref, leaves, g)
+            got = EMU_BWD(g.float(), x.float(), w.float(), sc.float(), sh.float(), [s, s], [p, p], [d, d], act,
+                          [True] * 4, True)
+            for name, a, b in zip(("dx", "dweight", "dscale", "dshift"), got, want):
+                err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
+                if not err <= 1e-5:
+                    fails.append(f"k{k}s{s}p{p}d{d} {act} {name}: rel err {err:.2e}")
+            assert got[0].is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                        else torch.contiguous_format)
+    assert not fails, "\n".join(fails)
+
+
+def test_backward_masks_empty_and_low_precision():
+    x = torch.randn(2, 16, 9, 9).half().to(memory_format=torch.channels_last)
+    w = torch.randn(16, 1, 3, 3)  # fp32 weight with fp16 x
+    sc, sh = torch.rand(16) + 0.5, torch.randn(16)
+    g = torch.randn(2, 16, 9, 9).half()
+    dx, dw, ds, db = EMU_BWD(g, x, w, sc, sh, [1, 1], [1, 1], [1, 1], "hardswish", [False, True, False, True], False)
+    assert dx.shape == (0,) and ds.shape == (0,) and dw.dtype == torch.float32 and db.shape == (16,)
+    leaves = [t.float().clone().requires_grad_(True) for t in (x, w, sc, sh)]
+    ref = dwconv_bn_act_ref(*leaves, 1, 1, 1, "hardswish")
+    want = torch.autograd.grad(ref, leaves, g.float())
+    torch.testing.assert_close(dw, want[1], rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(db, want[3], rtol=1e-3, atol=1e-2)
+    # N == 0: zero gradients of the right shapes
+    e = torch.randn(0, 16, 9, 9)
+    dx, dw, ds, db = EMU_BWD(torch.randn(0, 16, 9, 9), e, w, sc, sh, [1, 1], [1, 1], [1, 1], "relu", [True] * 4, False)
+    assert dx.shape == e.shape and not dw.any() and not ds.any() and not db.any()
+
+
+def test_deterministic_repeatable():
+    x = torch.randn(4, 24, 20, 20).to(memory_format=torch.channels_last)
+    w, sc, sh = torch.randn(24, 1, 3, 3), torch.rand(24) + 0.5, torch.randn(24)
+    g = torch.randn(4, 24, 20, 20)
+    a = EMU_BWD(g, x, w, sc, sh, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, True)
+    b = EMU_BWD(g, x, w, sc, sh, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
