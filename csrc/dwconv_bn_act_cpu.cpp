@@ -720,12 +720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
     bool deterministic) {
   DwConvBwdParams p{};
   check_and_fill(p, x_in, weight, scale, shift, stride, padding, dilation, std::string(act), true);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == p.N && grad_out_in.size(1) == p.C &&
-                        grad_out_in.size(2) == p.OH && grad_out_in.size(3) == p.OW,
-                    "fastdw: grad_out must have the output's shape [", p.N, ", ", p.C, ", ", p.OH, ", ", p.OW,
-                    "]; got ", grad_out_in.sizes());
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type(), "fastdw: grad_out must have x's dtype (",
-                   x_in.scalar_type(), "); got ", grad_out_in.scalar_type());
+  check_grad_out(grad_out_in, x_in, p);
   const bool has_scale = scale.has_value() && scale->defined();
   const bool has_shift = shift.has_value() && shift->defined();
   const bool need_dx = output_mask[0], need_dw = output_mask[1];

@@ -67,13 +67,7 @@ inline GpuBwdPlan plan_bwd(const at::Tensor& grad_out, const at::Tensor& x, cons
   GpuBwdPlan g;
   g.f = plan_fwd(x, weight, scale, shift, stride, padding, dilation, act);
   const DwConvParams& p = g.f.args.p;
-  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == p.C &&
-                        grad_out.size(2) == p.OH && grad_out.size(3) == p.OW,
-                    "fastdw: grad_out must have the output's shape [", p.N, ", ", p.C, ", ", p.OH, ", ", p.OW,
-                    "]; got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "fastdw: grad_out must have x's dtype (",
-                   x.scalar_type(), "); got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device(), "fastdw: grad_out must be on x's device");
+  check_grad_out(grad_out, x, p);
   const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool has_scale = scale.has_value() && scale->defined();
   const bool has_shift = shift.has_value() && shift->defined();

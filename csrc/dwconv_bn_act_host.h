@@ -113,4 +113,16 @@ inline void check_and_fill(DwConvParams& p, const at::Tensor& x, const at::Tenso
   p.channels_last = use_channels_last(x);
 }
 
+// grad_out of the backward: the output's shape, x's dtype and device (any strides).
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, const DwConvParams& p) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == p.C &&
+                        grad_out.size(2) == p.OH && grad_out.size(3) == p.OW,
+                    "fastdw: grad_out must have the output's shape [", p.N, ", ", p.C, ", ", p.OH, ", ", p.OW,
+                    "]; got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "fastdw: grad_out must have x's dtype (",
+                   x.scalar_type(), "); got ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), "fastdw: grad_out must be on the same device as x (",
+                    x.device(), "); got ", grad_out.device());
+}
+
 }  // namespace fastdw
