@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ap.add_argument("--providers", default=",".join(ALL_PROVIDERS))
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--budget-s", type=float, default=420, help="skip compile_max once this much time has passed")
+    ap.add_argument("--budget-s", type=float, default=240,
+                    help="skip compile_max (slow to autotune) for the remaining layers once this much time has passed")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_quick: no CUDA GPU on this machine; this sweep needs one (the CPU comparison is "

@@ -543,13 +543,20 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
   const auto* dy = static_cast<const scalar_t*>(p.grad_out_ptr);
   auto* dx = static_cast<scalar_t*>(p.grad_x_ptr);
   const bool need_dx = dx != nullptr, need_dw = dw_acc != nullptr;
+  // Work goes in segments: one output row, or (stride 1, dilation 1, square 3/5/7 kernel) the
+  // whole plane on the padded width, as in the forward: a few long vector loops per plane
+  // instead of K*K short ones per row. The padded-width garbage columns get g = 0, so they add
+  // nothing to dx, dweight, dscale or dshift.
+  const bool flat = p.stride_h == 1 && p.stride_w == 1 && p.dil_h == 1 && p.dil_w == 1 && p.KH == p.KW &&
+                    (p.KH == 3 || p.KH == 5 || p.KH == 7);
+  const int64_t L = flat ? p.OH * Wp : OW, nseg = flat ? 1 : p.OH, sw = flat ? 1 : p.stride_w;
   act_switch(p.act, [&](auto act_c) {
     constexpr Act A = decltype(act_c)::value;
     // One task per channel: every reduction over (n, oh, ow) of a channel stays in one task and
     // runs in a fixed order, so the result does not depend on the thread count.
     at::parallel_for(0, p.C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> plane(Hp * Wp, acc_t(0)), dplane(need_dx ? Hp * Wp : 0);
-      std::vector<acc_t> z(OW), g(OW), ss(OW), sb(OW), pw(need_dw ? T * OW : 0);
+      std::vector<acc_t> plane(Hp * Wp + p.KW, acc_t(0)), dplane(need_dx ? Hp * Wp + p.KW : 0);
+      std::vector<acc_t> z(L), g(L, acc_t(0)), ss(L), sb(L), pw(need_dw ? T * L : 0);
       for (int64_t c = begin; c < end; ++c) {
         std::fill(ss.begin(), ss.end(), acc_t(0));
         std::fill(sb.begin(), sb.end(), acc_t(0));
@@ -561,19 +568,28 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
             load_row<scalar_t, acc_t>(plane.data() + (h + p.pad_h) * Wp + p.pad_w, x + nc * p.H * p.W + h * p.W,
                                       p.W);
           if (need_dx) std::fill(dplane.begin(), dplane.end(), acc_t(0));
-          for (int64_t oh = 0; oh < p.OH; ++oh) {
-            const acc_t* in = plane.data() + oh * p.stride_h * Wp;
-            conv_row_nchw<acc_t>(z.data(), in, Wp, wc, OW, p);
-            load_row<scalar_t, acc_t>(g.data(), dy + nc * p.OH * OW + oh * OW, OW);
-            bwd_epilogue<A, acc_t>(g.data(), z.data(), OW, 1, &cp.scale[c], &cp.shift[c], 0, ss.data(),
-                                   sb.data());
+          for (int64_t seg = 0; seg < nseg; ++seg) {
+            const int64_t row0 = flat ? 0 : seg * p.stride_h * Wp;  // padded-plane offset of the segment
+            const acc_t* in = plane.data() + row0;
+            const scalar_t* dyp = dy + nc * p.OH * OW;
+            if (flat) {
+              if (p.KH == 3) conv_plane_nchw_s1<acc_t, 3>(z.data(), plane.data(), Wp, wc, L);
+              else if (p.KH == 5) conv_plane_nchw_s1<acc_t, 5>(z.data(), plane.data(), Wp, wc, L);
+              else conv_plane_nchw_s1<acc_t, 7>(z.data(), plane.data(), Wp, wc, L);
+              for (int64_t oh = 0; oh < p.OH; ++oh) {
+                load_row<scalar_t, acc_t>(g.data() + oh * Wp, dyp + oh * OW, OW);
+                std::fill(g.data() + oh * Wp + OW, g.data() + (oh + 1) * Wp, acc_t(0));
+              }
+            } else {
+              conv_row_nchw<acc_t>(z.data(), in, Wp, wc, OW, p);
+              load_row<scalar_t, acc_t>(g.data(), dyp + seg * OW, OW);
+            }
+            bwd_epilogue<A, acc_t>(g.data(), z.data(), L, 1, &cp.scale[c], &cp.shift[c], 0, ss.data(), sb.data());
             for (int64_t kh = 0; kh < p.KH; ++kh)
               for (int64_t kw = 0; kw < p.KW; ++kw) {
                 const int64_t off = kh * p.dil_h * Wp + kw * p.dil_w;
-                if (need_dw) fma_strided<acc_t>(pw.data() + (kh * p.KW + kw) * OW, g.data(), in + off, OW, p.stride_w);
-                if (need_dx)
-                  scatter_axpy<acc_t>(dplane.data() + oh * p.stride_h * Wp + off, g.data(), wc[kh * p.KW + kw], OW,
-                                      p.stride_w);
+                if (need_dw) fma_strided<acc_t>(pw.data() + (kh * p.KW + kw) * L, g.data(), in + off, L, sw);
+                if (need_dx) scatter_axpy<acc_t>(dplane.data() + row0 + off, g.data(), wc[kh * p.KW + kw], L, sw);
               }
           }
           if (need_dx)
@@ -582,7 +598,7 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
                                          p.W);
         }
         acc_t s_sum = 0, b_sum = 0;
-        for (int64_t i = 0; i < OW; ++i) {
+        for (int64_t i = 0; i < L; ++i) {
           s_sum += ss[i];
           b_sum += sb[i];
         }
@@ -590,9 +606,9 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
         db_acc[c] = b_sum;
         if (need_dw)
           for (int64_t t = 0; t < T; ++t) {
-            acc_t s = 0;
-            for (int64_t i = 0; i < OW; ++i) s += pw[t * OW + i];
-            dw_acc[c * T + t] = s;
+            acc_t sum = 0;
+            for (int64_t i = 0; i < L; ++i) sum += pw[t * L + i];
+            dw_acc[c * T + t] = sum;
           }
       }
     });

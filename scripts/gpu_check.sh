@@ -49,7 +49,8 @@ KSEL="cuda and ((forward_grid and fp16 and channels_last) or (backward_grid and 
 grep -E "^== |^rc=|ERROR SUMMARY" "$OUT/sanitizer.log"
 
 stamp "quick benchmark sweep"
-$PY bench/gpu_quick.py --out "$OUT/results.json" > "$OUT/bench.log" 2>&1
+# keep the whole script inside 10 minutes: compile_max autotuning stops after ~3 minutes
+$PY bench/gpu_quick.py --out "$OUT/results.json" --budget-s "${BENCH_BUDGET_S:-180}" > "$OUT/bench.log" 2>&1
 rc_bench=$?
 tail -20 "$OUT/bench.log"
 
