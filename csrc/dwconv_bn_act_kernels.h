@@ -214,19 +214,25 @@ FASTDW_HD void bwd_partial(const BwdArgs& b, int64_t i) {
   const int64_t r_begin = chunk * b.rows_per_chunk;
   const int64_t r_end = r_begin + b.rows_per_chunk < p.N * p.OH ? r_begin + b.rows_per_chunk : p.N * p.OH;
   float s = 0.f;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const int64_t n = r / p.OH, oh = r % p.OH;
-    const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
-    if (j < T && (ih < 0 || ih >= p.H)) continue;
-    for (int64_t ow = 0; ow < p.OW; ++ow) {
-      const float g = b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)];
-      if (j == T) {
-        s += g;
-        continue;
+  if (j == T) {  // dshift: sum of gu
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t n = r / p.OH, oh = r % p.OH;
+      for (int64_t ow = 0; ow < p.OW; ++ow) s += b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)];
+    }
+  } else {  // tap j: sum of gu * x at that tap, over the positions where the tap is inside x
+    const int64_t ow_lo_num = p.pad_w - kw * p.dil_w;  // ow*sw >= this  <=>  iw >= 0
+    const int64_t ow_lo = ow_lo_num <= 0 ? 0 : (ow_lo_num + p.stride_w - 1) / p.stride_w;
+    const int64_t ow_hi_num = p.W - 1 + p.pad_w - kw * p.dil_w;  // ow*sw <= this  <=>  iw < W
+    const int64_t ow_hi = ow_hi_num < 0 ? 0 : (ow_hi_num / p.stride_w + 1 < p.OW ? ow_hi_num / p.stride_w + 1 : p.OW);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t n = r / p.OH, oh = r % p.OH;
+      const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
+      if (ih < 0 || ih >= p.H) continue;
+      for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
+        const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dil_w;
+        s += b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)] *
+             to_f(x[offset(p.channels_last, n, c, ih, iw, p.C, p.H, p.W)]);
       }
-      const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dil_w;
-      if (iw < 0 || iw >= p.W) continue;
-      s += g * to_f(x[offset(p.channels_last, n, c, ih, iw, p.C, p.H, p.W)]);
     }
   }
   b.partial[i] = s;

@@ -122,3 +122,32 @@ def test_deterministic_repeatable():
     b = EMU_BWD(g, x, w, sc, sh, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, True)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_awkward_sizes_forward_and_backward(layout):
+    """Tiny and lopsided planes, where every output column is a border column."""
+    fails, n = [], 0
+    for H, W in ((1, 1), (2, 7), (15, 2), (3, 3)):
+        for k in (3, 5):
+            for s in (1, 2):
+                for p in (0, 1, 2):
+                    for d in (1, 2):
+                        if d * (k - 1) + 1 > min(H, W) + 2 * p:
+                            continue
+                        n += 1
+                        x = _layout(torch.randn(2, 8, H, W, dtype=torch.float64), layout)
+                        w = torch.randn(8, 1, k, k, dtype=torch.float64)
+                        sc, sh = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+                        leaves = [t.clone().requires_grad_(True) for t in (x, w, sc, sh)]
+                        ref = dwconv_bn_act_ref(*leaves, s, p, d, "hardswish")
+                        y = EMU_FWD(x.float(), w.float(), sc.float(), sh.float(), [s, s], [p, p], [d, d], "hardswish")
+                        g = torch.randn_like(ref)
+                        want = (ref,) + torch.autograd.grad(ref, leaves, g)
+                        got = (y,) + EMU_BWD(g.float(), x.float(), w.float(), sc.float(), sh.float(), [s, s], [p, p],
+                                             [d, d], "hardswish", [True] * 4, False)
+                        for name, a, b in zip(("y", "dx", "dweight", "dscale", "dshift"), got, want):
+                            err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item() if b.numel() else 0
+                            if not err <= 1e-5:
+                                fails.append(f"{H}x{W} k{k}s{s}p{p}d{d} {name}: rel err {err:.2e}")
+    assert n > 20 and not fails, "\n".join(fails)
