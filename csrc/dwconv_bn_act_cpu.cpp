@@ -97,6 +97,21 @@ FASTDW_CLONES void conv_plane_nchw_s1(acc_t* __restrict flat, const acc_t* __res
   }
 }
 
+// Whether the flat whole-plane loop applies (stride 1, dilation 1, square 3/5/7 kernel), and
+// the call with K fixed; the forward and the backward use the same rule.
+inline bool nchw_flat_s1(const DwConvParams& p) {
+  return p.stride_h == 1 && p.stride_w == 1 && p.dil_h == 1 && p.dil_w == 1 && p.KH == p.KW &&
+         (p.KH == 3 || p.KH == 5 || p.KH == 7);
+}
+
+template <typename acc_t>
+inline void conv_plane_nchw_s1_dispatch(acc_t* flat, const acc_t* in, int64_t ld, const acc_t* w, int64_t n,
+                                        int64_t k) {
+  if (k == 3) conv_plane_nchw_s1<acc_t, 3>(flat, in, ld, w, n);
+  else if (k == 5) conv_plane_nchw_s1<acc_t, 5>(flat, in, ld, w, n);
+  else conv_plane_nchw_s1<acc_t, 7>(flat, in, ld, w, n);
+}
+
 // NCHW, any kernel / stride / dilation: tap-major accumulation into out.
 template <typename acc_t>
 FASTDW_CLONES void conv_row_nchw_generic(acc_t* __restrict out, const acc_t* __restrict in, int64_t ld,
@@ -436,8 +451,7 @@ void fwd_nchw(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
   const int64_t Hp = p.H + 2 * p.pad_h, Wp = p.W + 2 * p.pad_w, T = p.KH * p.KW, OHW = p.OH * p.OW;
   const auto* x = static_cast<const scalar_t*>(p.x_ptr);
   auto* y = static_cast<scalar_t*>(p.out_ptr);
-  const bool square = p.KH == p.KW && p.dil_h == 1 && p.dil_w == 1;
-  const bool flat_s1 = square && p.stride_h == 1 && p.stride_w == 1 && (p.KH == 3 || p.KH == 5 || p.KH == 7);
+  const bool flat_s1 = nchw_flat_s1(p);
   act_switch(p.act, [&](auto act_c) {
     constexpr Act A = decltype(act_c)::value;
     at::parallel_for(0, p.N * p.C, grain_for(OHW * T), [&](int64_t begin, int64_t end) {
@@ -452,9 +466,7 @@ void fwd_nchw(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
           load_row<scalar_t, acc_t>(plane.data() + (h + p.pad_h) * Wp + p.pad_w, xp + h * p.W, p.W);
         if (flat_s1) {
           const int64_t n = p.OH * Wp;
-          if (p.KH == 3) conv_plane_nchw_s1<acc_t, 3>(z.data(), plane.data(), Wp, wc, n);
-          else if (p.KH == 5) conv_plane_nchw_s1<acc_t, 5>(z.data(), plane.data(), Wp, wc, n);
-          else conv_plane_nchw_s1<acc_t, 7>(z.data(), plane.data(), Wp, wc, n);
+          conv_plane_nchw_s1_dispatch<acc_t>(z.data(), plane.data(), Wp, wc, n, p.KH);
           for (int64_t oh = 1; oh < p.OH; ++oh)  // compact rows: drop the padded-width garbage
             std::memmove(z.data() + oh * p.OW, z.data() + oh * Wp, p.OW * sizeof(acc_t));
         } else {
@@ -472,9 +484,8 @@ void fwd_nchw(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
 // `zrow` when the kernel row falls into the vertical padding (valid[kh] = false).
 template <typename scalar_t, typename acc_t>
 inline void conv_out_row_nhwc_padded(acc_t* z, std::vector<std::vector<acc_t>>& rows, std::vector<char>& valid,
-                                     const acc_t* zrow, const scalar_t* x, const DwConvParams& p,
-                                     const ChannelParams<acc_t>& cp, int64_t n, int64_t oh) {
-  std::vector<const acc_t*> ptrs(p.KH);
+                                     std::vector<const acc_t*>& ptrs, const acc_t* zrow, const scalar_t* x,
+                                     const DwConvParams& p, const ChannelParams<acc_t>& cp, int64_t n, int64_t oh) {
   for (int64_t kh = 0; kh < p.KH; ++kh) {
     const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
     valid[kh] = ih >= 0 && ih < p.H;
@@ -547,8 +558,7 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
   // whole plane on the padded width, as in the forward: a few long vector loops per plane
   // instead of K*K short ones per row. The padded-width garbage columns get g = 0, so they add
   // nothing to dx, dweight, dscale or dshift.
-  const bool flat = p.stride_h == 1 && p.stride_w == 1 && p.dil_h == 1 && p.dil_w == 1 && p.KH == p.KW &&
-                    (p.KH == 3 || p.KH == 5 || p.KH == 7);
+  const bool flat = nchw_flat_s1(p);
   const int64_t L = flat ? p.OH * Wp : OW, nseg = flat ? 1 : p.OH, sw = flat ? 1 : p.stride_w;
   act_switch(p.act, [&](auto act_c) {
     constexpr Act A = decltype(act_c)::value;
@@ -573,9 +583,7 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
             const acc_t* in = plane.data() + row0;
             const scalar_t* dyp = dy + nc * p.OH * OW;
             if (flat) {
-              if (p.KH == 3) conv_plane_nchw_s1<acc_t, 3>(z.data(), plane.data(), Wp, wc, L);
-              else if (p.KH == 5) conv_plane_nchw_s1<acc_t, 5>(z.data(), plane.data(), Wp, wc, L);
-              else conv_plane_nchw_s1<acc_t, 7>(z.data(), plane.data(), Wp, wc, L);
+              conv_plane_nchw_s1_dispatch<acc_t>(z.data(), plane.data(), Wp, wc, L, p.KH);
               for (int64_t oh = 0; oh < p.OH; ++oh) {
                 load_row<scalar_t, acc_t>(g.data() + oh * Wp, dyp + oh * OW, OW);
                 std::fill(g.data() + oh * Wp + OW, g.data() + (oh + 1) * Wp, acc_t(0));
@@ -637,6 +645,7 @@ void bwd_nhwc(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
       std::vector<std::vector<acc_t>> rows(p.KH, std::vector<acc_t>(Wp * C, acc_t(0)));
       const std::vector<acc_t> zrow(Wp * C, acc_t(0));
       std::vector<char> valid(p.KH);
+      std::vector<const acc_t*> ptrs(p.KH);
       std::vector<acc_t> z(OW * C), g(OW * C), ss(OW * C), sb(OW * C);
       for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
         acc_t* pdw = partials.data() + chunk * part;
@@ -647,7 +656,7 @@ void bwd_nhwc(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
         const int64_t r_end = std::min(rows_total, (chunk + 1) * rows_per_chunk);
         for (int64_t r = chunk * rows_per_chunk; r < r_end; ++r) {
           const int64_t n = r / p.OH, oh = r % p.OH;
-          conv_out_row_nhwc_padded<scalar_t, acc_t>(z.data(), rows, valid, zrow.data(), x, p, cp, n, oh);
+          conv_out_row_nhwc_padded<scalar_t, acc_t>(z.data(), rows, valid, ptrs, zrow.data(), x, p, cp, n, oh);
           acc_t* gr = need_dx ? gz.data() + r * OW * C : g.data();
           load_row<scalar_t, acc_t>(gr, dy + r * OW * C, OW * C);
           bwd_epilogue<A, acc_t>(gr, z.data(), OW, C, cp.scale.data(), cp.shift.data(), 1, ss.data(), sb.data());
