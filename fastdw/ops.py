@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
@@ -114,13 +114,34 @@ def _has_kernel(key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastdw::dwconv_bn_act", key)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT_ERROR: Optional[str] = None
+_TRITON_MODULE: list = []  # [module or None] once looked up
+
+
 def _triton_module():
-    """fastdw.triton.dwconv_bn_act when Triton and the kernels are importable, else None."""
-    try:
-        return importlib.import_module("fastdw.triton.dwconv_bn_act")
-    except ImportError:
-        return None
+    """fastdw.triton.dwconv_bn_act when Triton and the kernels are importable, else None. Imported
+    on first use (it pulls in Triton and parts of Inductor: seconds), then cached."""
+    global _TRITON_IMPORT_ERROR
+    if not _TRITON_MODULE:
+        try:
+            _TRITON_MODULE.append(importlib.import_module("fastdw.triton.dwconv_bn_act"))
+        except Exception as e:  # noqa: BLE001 -- no triton, or a triton that cannot load: no backend
+            _TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+            _TRITON_MODULE.append(None)
+    return _TRITON_MODULE[0]
+
+
+# torch.compile: these run at trace time and enter the graph as constants (Dynamo cannot trace an
+# import); the op itself is then called through torch.ops.
+@torch._dynamo.assume_constant_result
+def _triton_available() -> bool:
+    return _triton_module() is not None
+
+
+@torch._dynamo.assume_constant_result
+def _triton_interpret() -> bool:
+    mod = _triton_module()
+    return mod is not None and bool(mod.INTERPRET)
 
 
 def available_backends() -> List[str]:
@@ -132,7 +153,7 @@ def available_backends() -> List[str]:
         out.append("cpu")
     if _has_kernel("CUDA") and torch.cuda.is_available():
         out.append("cuda")
-    if _triton_module() is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _triton_available() and (torch.cuda.is_available() or _triton_interpret()):
         out.append("triton")
     return out
 
@@ -157,7 +178,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if dev == "cuda":
             if _has_kernel("CUDA"):
                 return "cuda"
-            if _triton_module() is not None:
+            if _triton_available():
                 return "triton"
             raise RuntimeError("fastdw: no GPU backend for CUDA tensors: this build has no CUDA kernels "
                                f"(fastdw.build_info() = {_build_info_or_none()}) and the Triton kernels "
@@ -172,9 +193,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError("fastdw: backend='cuda' requested but this build has no CUDA kernels "
                                f"(fastdw.build_info() = {_build_info_or_none()}); rebuild on a machine "
                                "with nvcc and a CUDA build of torch, or use backend='triton'")
-    if backend == "triton" and _triton_module() is None:
-        raise RuntimeError("fastdw: backend='triton' requested but the Triton kernels are not available "
-                           "(is triton installed, and fastdw.triton.dwconv_bn_act present?)")
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("fastdw: backend='triton' requested but the Triton kernels are not available "
+                               f"(import of fastdw.triton.dwconv_bn_act failed: {_TRITON_IMPORT_ERROR})")
+        if dev not in ("cuda", "meta") and not (dev == "cpu" and _triton_interpret()):
+            raise ValueError(f"fastdw: backend='triton' needs CUDA tensors (x is on {device}); CPU tensors "
+                             "run through the Triton interpreter only when TRITON_INTERPRET=1 is set before "
+                             "fastdw.triton is imported")
     return backend
 
 
@@ -232,7 +258,8 @@ def dwconv_bn_act(
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     if b == "triton":
-        return _triton_module().dwconv_bn_act_triton(x, weight, scale, shift, stride, padding, dilation, act)
+        return torch.ops.fastdw.dwconv_bn_act_triton(x, weight, scale, shift, list(stride), list(padding),
+                                                     list(dilation), act)
     if not HAS_OPS:
         raise _missing_ext_error()
     return _fwd_op(x, weight, scale, shift, stride, padding, dilation, act)

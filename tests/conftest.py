@@ -1,14 +1,20 @@
 """Shared test machinery: seeds, device/dtype skips, layouts, sample inputs, tolerances (STYLE B5)."""
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Optional, Sequence
 
 import pytest
 import torch
 
-import fastdw
-from fastdw.reference import dwconv_bn_act_ref
+# CPU-only machine: the Triton kernels run through the Triton interpreter. It has to be on before
+# fastdw.triton.dwconv_bn_act is imported (fastdw.ops imports it lazily, on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastdw  # noqa: E402
+from fastdw.reference import dwconv_bn_act_ref  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Seeds: every test gets its own reproducible seed (derived from its node id, so different

@@ -74,10 +74,12 @@ def _fits(H, W, k, padding, dilation):
 # Forward / backward comparison helpers: return a list of failure messages (empty when fine).
 
 
-def forward_failures(x, w, s, b, stride, padding, dilation, act, *, raw=True):
+def forward_failures(x, w, s, b, stride, padding, dilation, act, *, raw=True, backend="auto", raw_op=None):
     """Public function (and raw op) vs reference: dtype, layout by the rule, shape, values."""
     fails = []
-    out = fastdw.dwconv_bn_act(x, w, s, b, stride=stride, padding=padding, dilation=dilation, act=act)
+    raw_op = OP if raw_op is None else raw_op
+    out = fastdw.dwconv_bn_act(x, w, s, b, stride=stride, padding=padding, dilation=dilation, act=act,
+                               backend=backend)
     N, C, H, W = x.shape
     oh, ow = _out_hw(H, W, tuple(w.shape[2:]), stride, padding, dilation)
     if tuple(out.shape) != (N, C, oh, ow):
@@ -100,7 +102,7 @@ def forward_failures(x, w, s, b, stride, padding, dilation, act, *, raw=True):
     if msg:
         fails.append(f"values: {msg}")
     if raw:
-        out_raw = OP(x, w, s, b, *_conf(stride, padding, dilation), act)
+        out_raw = raw_op(x, w, s, b, *_conf(stride, padding, dilation), act)
         if not torch.equal(out_raw, out) and not (out.numel() == 0 and out_raw.shape == out.shape):
             fails.append("raw op output differs from the public function's")
         if not out_raw.is_contiguous(memory_format=fmt):
@@ -119,11 +121,12 @@ def _grads(fn, inputs, grad_out):
 NAMES = ("dx", "dweight", "dscale", "dshift")
 
 
-def backward_failures(x, w, s, b, stride, padding, dilation, act):
+def backward_failures(x, w, s, b, stride, padding, dilation, act, *, backend="auto"):
     """Gradients (x, w, s, b that require grad) of the public function vs autograd through the
     reference: fp64 reference for fp32/fp64, the 2x-of-stock rule for fp16/bf16."""
     fails = []
-    fwd = lambda *a: fastdw.dwconv_bn_act(*a, stride=stride, padding=padding, dilation=dilation, act=act)
+    fwd = lambda *a: fastdw.dwconv_bn_act(*a, stride=stride, padding=padding, dilation=dilation, act=act,
+                                          backend=backend)
     y = fwd(x, w, s, b)
     go = torch.randn(y.shape, device=y.device).to(y.dtype)
     got = _grads(fwd, (x, w, s, b), go)

@@ -1,7 +1,10 @@
 """Triton backend of fastdw (portable GPU path, visible to torch.compile).
 
-The kernels live in `fastdw/triton/dwconv_bn_act.py`; fastdw.ops imports that module lazily and
-calls `dwconv_bn_act_triton(x, weight, scale, shift, stride, padding, dilation, act)` (same
-contract as torch.ops.fastdw.dwconv_bn_act, stride/padding/dilation as int pairs). Until that
-module exists the 'triton' backend reports itself unavailable.
+`fastdw/triton/dwconv_bn_act.py` holds the kernels and registers the ops
+fastdw::dwconv_bn_act_triton and fastdw::_dwconv_bn_act_backward_triton. fastdw.ops imports it
+lazily (so `import fastdw` never needs Triton) and calls
+`dwconv_bn_act_triton(x, weight, scale, shift, stride, padding, dilation, act)` for
+backend="triton", and for backend="auto" on a GPU when the CUDA extension was not built.
+On a machine without a GPU, set TRITON_INTERPRET=1 before the import to run the kernels on CPU
+tensors through the Triton interpreter (slow; for tests).
 """

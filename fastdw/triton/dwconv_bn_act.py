@@ -1,0 +1,563 @@
+"""Triton kernels for fastdw::dwconv_bn_act: the portable GPU backend, visible to torch.compile.
+
+Same contract as the C++/CUDA op (csrc/fastdw.cpp):
+    y = act(conv2d(x, weight, stride, padding, dilation, groups=C) * scale[c] + shift[c])
+with fp32 accumulation, any kernel size / stride / padding / dilation, x in fp32/fp16/bf16, weight
+in x's dtype or fp32, scale/shift optional (C,) fp32 or x's dtype, and the output layout rule of
+fastdw._utils.output_memory_format.
+
+Ops (torch.library):
+    fastdw::dwconv_bn_act_triton            forward
+    fastdw::_dwconv_bn_act_backward_triton  backward -> (dx, dweight, dscale, dshift)
+On a GPU they are `torch.library.triton_op`s whose kernels launch through `wrap_triton`, so
+Inductor sees and schedules the kernels inside a compiled graph. Under the Triton interpreter
+(TRITON_INTERPRET=1, how CI runs these kernels on a CPU) kernels cannot be traced, so the same
+functions are registered as opaque `custom_op`s with shape-only fake kernels instead.
+
+Tiling. Every kernel works on a tile of [BLOCK_H * BLOCK_W spatial positions, BLOCK_C channels]
+addressed through the tensor's strides, so one kernel serves both layouts; what differs is the
+config list:
+  * channels_last (stride(1) == 1): BLOCK_C = 32..64 channels on the fast axis, so a warp reads
+    one contiguous run of C per pixel (64-128 B for fp16) and the tap loads of a tile overlap in
+    L1; a 2-D spatial tile of 2x8 .. 4x8 pixels.
+  * NCHW: BLOCK_C = 1 and a spatial tile of 8x32 .. 16x64 with W on the fast axis.
+The input is read from DRAM once per tile (the K*K tap loads of a tile hit the same cache lines),
+accumulated in fp32, and BN + activation are applied in registers before the single store.
+
+Backward (recomputes the pre-activation, like the CUDA op):
+  1. _dwconv_bwd_gu_kernel: per output tile, u = conv(x)*scale + shift, g = act'(u) * dy;
+     stores gc = g * scale (fp32 workspace) and sums g*conv (dscale) and g (dshift).
+  2. _dwconv_bwd_dx_kernel: per input tile, dx = sum_t w[t] * gc[shifted by t] (the gather form
+     of the transposed conv) and, from the same gc loads and one read of x,
+     dweight[t] += sum x * gc[shifted by t].
+Both run as S "splits" x channel blocks; each program loops over every S-th tile and writes one
+row of per-channel partial sums, which the host sums over S in a fixed order. The reductions use
+no atomics, so the backward is deterministic whatever `deterministic` says.
+"""
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._utils import ACTIVATIONS, check_args, deterministic_requested, output_memory_format
+
+__all__ = ["dwconv_bn_act_triton", "dwconv_bn_act_fwd", "dwconv_bn_act_bwd", "INTERPRET", "OP_KIND"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+OP_KIND = "custom_op (interpreter)" if INTERPRET else "triton_op"
+# FASTDW_TRITON_AUTOTUNE=0 pins the first config (fast, deterministic tests); the interpreter
+# always gets one config (autotuning several fails there).
+AUTOTUNE = not INTERPRET and os.environ.get("FASTDW_TRITON_AUTOTUNE", "1") != "0"
+
+_ACT_ID = {a: i for i, a in enumerate(ACTIVATIONS)}  # none, relu, relu6, hardswish, silu
+
+
+# ------------------------------------------------------------------------------------------
+# Activations (same formulas and kink conventions as csrc/activations.h and PyTorch)
+
+
+@triton.jit
+def _clamp_nan(u, lo, hi):
+    # min(max(u, lo), hi) that lets NaN through
+    return tl.where(u < lo, lo, tl.where(u > hi, hi, u))
+
+
+@triton.jit
+def _act_fwd(u, ACT):
+    if ACT == 1:  # relu
+        u = tl.where((u > 0.0) | (u != u), u, 0.0)
+    elif ACT == 2:  # relu6
+        u = _clamp_nan(u, 0.0, 6.0)
+    elif ACT == 3:  # hardswish
+        u = u * _clamp_nan(u + 3.0, 0.0, 6.0) / 6.0
+    elif ACT == 4:  # silu
+        u = u / (1.0 + tl.exp(-u))
+    return u
+
+
+@triton.jit
+def _act_bwd(u, g, ACT):
+    if ACT == 1:
+        g = tl.where(u <= 0.0, 0.0, g)
+    elif ACT == 2:
+        g = tl.where((u <= 0.0) | (u >= 6.0), 0.0, g)
+    elif ACT == 3:
+        g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        g = g * s * (1.0 + u * (1.0 - s))
+    return g
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _tile_coords(t, OH, OW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Tile index t over (n, tile row, tile column) -> (n, rows, cols) of its BLOCK_H*BLOCK_W
+    positions (row-major inside the tile)."""
+    tiles_w = tl.cdiv(OW, BLOCK_W)
+    tiles_h = tl.cdiv(OH, BLOCK_H)
+    tw = t % tiles_w
+    th = (t // tiles_w) % tiles_h
+    n = t // (tiles_w * tiles_h)
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    rows = th * BLOCK_H + p // BLOCK_W
+    cols = tw * BLOCK_W + p % BLOCK_W
+    return n, rows, cols
+
+
+@triton.jit
+def _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw,
+               SH: tl.constexpr, SW: tl.constexpr, PH, PW, DH, DW,
+               KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 [BLOCK_P, BLOCK_C] depthwise conv at output positions (oh, ow), channels c."""
+    xb = X + n.to(tl.int64) * sxn
+    xc = (c * sxc)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for kh in range(KH):  # runtime loop: only one row of taps in flight (no spills at 7x7)
+        ih = oh * SH - PH + kh * DH
+        hm = pm & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = ow * SW - PW + kw * DW
+            m = hm & (iw >= 0) & (iw < W)
+            xv = tl.load(xb + (ih * sxh + iw * sxw)[:, None] + xc, mask=m[:, None] & cm[None, :], other=0.0)
+            wv = tl.load(Wt + c * (KH * KW) + (kh * KW + kw), mask=cm, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["ACT", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
+def _dwconv_fwd_kernel(
+    X, Wt, S, B, Y,
+    C, H, W, OH, OW,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    PH, PW, DH, DW,
+    ACT, C_BUCKET, HW_BUCKET,  # C_BUCKET, HW_BUCKET: autotune key only
+    SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: one tile of BLOCK_H x BLOCK_W output pixels x BLOCK_C channels of one image.
+    1-D grid, channel block fastest: (tiles, channel blocks) = (pid // CB, pid % CB)."""
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    cblocks = tl.cdiv(C, BLOCK_C)
+    n, oh, ow = _tile_coords(pid // cblocks, OH, OW, BLOCK_H, BLOCK_W)
+    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    pm = (oh < OH) & (ow < OW)
+    acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                     KH, KW, BLOCK_P, BLOCK_C)
+    if HAS_SCALE:
+        acc = acc * tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(B + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    out = _act_fwd(acc, ACT)
+    yp = Y + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
+    tl.store(yp, out.to(Y.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+
+
+@triton.jit(do_not_specialize=["ACT", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
+def _dwconv_bwd_gu_kernel(
+    X, Wt, S, B, DY, GC, PART,
+    N, C, H, W, OH, OW, NSPLIT,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, sgn, sgc, sgh, sgw,
+    PH, PW, DH, DW,
+    ACT, C_BUCKET, HW_BUCKET,
+    SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_GC: tl.constexpr, NEED_RED: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (split s, channel block): every NSPLIT-th output tile from s on. Recomputes
+    u = conv(x)*scale + shift, g = act'(u)*dy; stores gc = g*scale (fp32); writes
+    PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift)."""
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    cblocks = tl.cdiv(C, BLOCK_C)
+    s = pid // cblocks
+    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    if HAS_SCALE:
+        sc = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(B + c, mask=cm, other=0.0).to(tl.float32)
+    ds = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ntiles = N * tl.cdiv(OH, BLOCK_H) * tl.cdiv(OW, BLOCK_W)
+    for t in range(s, ntiles, NSPLIT):
+        n, oh, ow = _tile_coords(t, OH, OW, BLOCK_H, BLOCK_W)
+        pm = (oh < OH) & (ow < OW)
+        m = pm[:, None] & cm[None, :]
+        acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                         KH, KW, BLOCK_P, BLOCK_C)
+        u = acc
+        if HAS_SCALE:
+            u = u * sc[None, :]
+        if HAS_SHIFT:
+            u = u + sh[None, :]
+        dy = tl.load(DY + n.to(tl.int64) * sdn + (oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :],
+                     mask=m, other=0.0).to(tl.float32)
+        g = tl.where(m, _act_bwd(u, dy, ACT), 0.0)
+        if NEED_RED:
+            ds += tl.sum(g * acc, axis=0)
+            db += tl.sum(g, axis=0)
+        if STORE_GC:
+            gc = g
+            if HAS_SCALE:
+                gc = g * sc[None, :]
+            tl.store(GC + n.to(tl.int64) * sgn + (oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], gc, mask=m)
+    if NEED_RED:
+        tl.store(PART + (s * 2) * C + c, ds, mask=cm)
+        tl.store(PART + (s * 2 + 1) * C + c, db, mask=cm)
+
+
+@triton.jit(do_not_specialize=["C_BUCKET", "HW_BUCKET"])
+def _dwconv_bwd_dx_kernel(
+    X, Wt, GC, DX, PART,
+    N, C, H, W, OH, OW, NSPLIT,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+    PH, PW, DH, DW,
+    C_BUCKET, HW_BUCKET,
+    SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KKP: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (split s, channel block): every NSPLIT-th input tile from s on.
+    dx[i] = sum_t w[t] * gc[o], dweight[t] += x[i] * gc[o], where o*stride = i + pad - t*dil.
+    Writes PART[s, t, c] (t < KH*KW) = this program's dweight sums."""
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    cblocks = tl.cdiv(C, BLOCK_C)
+    s = pid // cblocks
+    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    taps = tl.arange(0, KKP)
+    dw = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)
+    ntiles = N * tl.cdiv(H, BLOCK_H) * tl.cdiv(W, BLOCK_W)
+    for t in range(s, ntiles, NSPLIT):
+        n, ih, iw = _tile_coords(t, H, W, BLOCK_H, BLOCK_W)
+        pm = (ih < H) & (iw < W)
+        m = pm[:, None] & cm[None, :]
+        if NEED_DW:
+            xv = tl.load(X + n.to(tl.int64) * sxn + (ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :],
+                         mask=m, other=0.0).to(tl.float32)
+        gb = GC + n.to(tl.int64) * sgn
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for kh in range(KH):  # runtime loop (unrolled, 7x7 spills kilobytes on sm_90)
+            hn = ih + PH - kh * DH
+            oh = hn // SH
+            hm = pm & (hn >= 0) & (oh < OH)
+            if SH > 1:
+                hm = hm & (hn % SH == 0)
+            for kw in tl.static_range(KW):
+                wn = iw + PW - kw * DW
+                ow = wn // SW
+                mm = hm & (wn >= 0) & (ow < OW)
+                if SW > 1:
+                    mm = mm & (wn % SW == 0)
+                g = tl.load(gb + (oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], mask=mm[:, None] & cm[None, :],
+                            other=0.0)
+                if NEED_DX:
+                    wv = tl.load(Wt + c * (KH * KW) + (kh * KW + kw), mask=cm, other=0.0).to(tl.float32)
+                    acc += g * wv[None, :]
+                if NEED_DW:
+                    part = tl.sum(g * xv, axis=0)
+                    dw += tl.where(taps[:, None] == kh * KW + kw, part[None, :], 0.0)
+        if NEED_DX:
+            tl.store(DX + n.to(tl.int64) * sdn + (ih * sdh + iw * sdw)[:, None] + (c * sdc)[None, :],
+                     acc.to(DX.dtype.element_ty), mask=m)
+    if NEED_DW:
+        tl.store(PART + (s * KKP + taps[:, None]) * C + c[None, :], dw,
+                 mask=(taps[:, None] < KH * KW) & cm[None, :])
+
+
+# ------------------------------------------------------------------------------------------
+# Configs and autotuning. Keys: channel and spatial size buckets, stride, kernel size (and, added
+# by Triton, the tensors' dtypes) -- what changes the best tile, nothing that varies per call.
+
+_KEY = ["C_BUCKET", "HW_BUCKET", "SH", "KH", "KW"]
+
+
+def _cfg(bh, bw, bc, warps, stages=1):
+    return triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc}, num_warps=warps, num_stages=stages)
+
+
+# channels_last: channels on the fast axis
+# (4 warps: 8-warp variants of these tiles, and a 1x8x128 tile, spill on sm_90; see
+# scripts/triton_compile_check.py)
+_CL_CONFIGS = [_cfg(2, 8, 64, 4), _cfg(4, 8, 32, 4), _cfg(2, 16, 32, 4), _cfg(1, 16, 64, 4)]
+# NCHW: one channel per program, W on the fast axis
+_NCHW_CONFIGS = [_cfg(8, 32, 1, 4), _cfg(16, 32, 1, 4), _cfg(4, 64, 1, 4), _cfg(16, 64, 1, 8)]
+# the interpreter: one config, big tiles (it costs ~50 ms per program instance, not per element)
+_INTERP_CL = [_cfg(8, 8, 16, 4)]
+_INTERP_NCHW = [_cfg(16, 16, 1, 4)]
+
+
+def _configs(channels_last: bool):
+    if INTERPRET:
+        return _INTERP_CL if channels_last else _INTERP_NCHW
+    cfgs = _CL_CONFIGS if channels_last else _NCHW_CONFIGS
+    return cfgs if AUTOTUNE else cfgs[:1]
+
+
+def _tuned(kernel, channels_last: bool):
+    return triton.autotune(configs=_configs(channels_last), key=_KEY)(kernel)
+
+
+_FWD = {cl: _tuned(_dwconv_fwd_kernel, cl) for cl in (True, False)}
+_BWD_GU = {cl: _tuned(_dwconv_bwd_gu_kernel, cl) for cl in (True, False)}
+_BWD_DX = {cl: _tuned(_dwconv_bwd_dx_kernel, cl) for cl in (True, False)}
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _launch(kernel):
+    if INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _channels_fast(x: Tensor) -> bool:
+    """Pick the channels-on-the-fast-axis configs when x is stored channels_last."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(x: Tensor, positions: int, channel_programs: int) -> int:
+    """How many programs share one channel block's reduction in the backward: enough programs
+    (about 8 per SM) to fill the GPU, at most one per 256 positions. Independent of the tile
+    config, so the host knows how many partial rows to sum."""
+    if INTERPRET or x.device.type != "cuda":
+        return max(1, min(2, positions // 64))
+    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return max(1, min(triton.cdiv(positions, 256), (8 * sms) // max(1, channel_programs)))
+
+
+def _check(x, weight, scale, shift, stride, padding, dilation, act):
+    oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
+    torch._check_type(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                      lambda: f"fastdw: the Triton backend takes float32, float16 or bfloat16 x; got {x.dtype}")
+    torch._check_value(x.shape[1] * x.shape[2] * x.shape[3] < 2 ** 31,
+                       lambda: "fastdw: the Triton backend needs C*H*W < 2**31 elements per image; got "
+                               f"{list(x.shape)}")
+    return oh, ow
+
+
+def _common(x, weight, scale, shift, stride, padding, dilation, act):
+    N, C, H, W = x.shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    wt = weight.reshape(C, KH * KW).contiguous()
+    return dict(N=N, C=C, H=H, W=W, KH=KH, KW=KW, wt=wt,
+                s=scale if scale is not None else wt, b=shift if shift is not None else wt,
+                cl=_channels_fast(x), act=_ACT_ID[act], C_BUCKET=_next_pow2(C))
+
+
+def dwconv_bn_act_fwd(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                      stride: List[int], padding: List[int], dilation: List[int], act: str) -> Tensor:
+    """Forward launcher (the body of fastdw::dwconv_bn_act_triton)."""
+    OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
+    N, C = x.shape[0], x.shape[1]
+    y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if y.numel() == 0:
+        return y
+    k = _common(x, weight, scale, shift, stride, padding, dilation, act)
+
+    def grid(meta):
+        return (N * triton.cdiv(OH, meta["BLOCK_H"]) * triton.cdiv(OW, meta["BLOCK_W"])
+                * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    _launch(_FWD[k["cl"]])[grid](
+        x, k["wt"], k["s"], k["b"], y,
+        C, k["H"], k["W"], OH, OW,
+        *x.stride(), *y.stride(),
+        padding[0], padding[1], dilation[0], dilation[1],
+        k["act"], k["C_BUCKET"], _next_pow2(OH * OW),
+        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+    )
+    return y
+
+
+def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
+                      shift: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                      act: str, output_mask: List[bool], deterministic: bool
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward launcher (the body of fastdw::_dwconv_bn_act_backward_triton). Returns
+    (dx, dweight, dscale, dshift); entries not asked for by output_mask (or whose input is None)
+    are empty (0,) tensors. Always deterministic (fixed-order partial sums, no atomics)."""
+    OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
+    torch._check_value(len(output_mask) == 4, lambda: f"fastdw: output_mask must have 4 entries; got {output_mask}")
+    N, C, H, W = x.shape
+    torch._check_value(tuple(grad_out.shape) == (N, C, OH, OW),
+                       lambda: f"fastdw: grad_out must have the output's shape {[N, C, OH, OW]}; got "
+                               f"{list(grad_out.shape)}")
+    torch._check_type(grad_out.dtype == x.dtype,
+                      lambda: f"fastdw: grad_out must have x's dtype {x.dtype}; got {grad_out.dtype}")
+    need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
+    need_ds, need_db = bool(output_mask[2]) and scale is not None, bool(output_mask[3]) and shift is not None
+    fmt = output_memory_format(x)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    KH, KW = weight.shape[2], weight.shape[3]
+    KK = KH * KW
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
+        else torch.empty((0,), dtype=x.dtype, device=x.device)
+    dw = torch.zeros((C, KK), **f32) if need_dw else None
+    ds = torch.zeros((C,), **f32) if need_ds else None
+    db = torch.zeros((C,), **f32) if need_db else None
+
+    if x.numel() > 0 and (need_dx or need_dw or need_ds or need_db):
+        k = _common(x, weight, scale, shift, stride, padding, dilation, act)
+        cl = k["cl"]
+        hw = _next_pow2(OH * OW)
+        # channel programs per split: an estimate (BLOCK_C = 64 for channels_last, 1 for NCHW)
+        cprog = triton.cdiv(C, 64) if cl else C
+        need_red = need_ds or need_db
+        store_gc = need_dx or need_dw
+        gc = torch.empty((N, C, OH, OW), memory_format=fmt, **f32) if store_gc else dx
+        ns1 = _num_splits(x, N * OH * OW, cprog)
+        part1 = torch.empty((ns1, 2, C), **f32) if need_red else gc
+
+        def grid1(meta):
+            return (ns1 * triton.cdiv(C, meta["BLOCK_C"]),)
+
+        _launch(_BWD_GU[cl])[grid1](
+            x, k["wt"], k["s"], k["b"], grad_out, gc, part1,
+            N, C, H, W, OH, OW, ns1,
+            *x.stride(), *grad_out.stride(), *(gc.stride() if store_gc else (0, 0, 0, 0)),
+            padding[0], padding[1], dilation[0], dilation[1],
+            k["act"], k["C_BUCKET"], hw,
+            SH=stride[0], SW=stride[1], KH=KH, KW=KW,
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, STORE_GC=store_gc, NEED_RED=need_red,
+        )
+        if need_red:
+            # separate sums: the returned gradients must not alias each other
+            if need_ds:
+                ds = part1[:, 0].sum(dim=0)
+            if need_db:
+                db = part1[:, 1].sum(dim=0)
+        if store_gc:
+            KKP = _next_pow2(KK)
+            ns2 = _num_splits(x, N * H * W, cprog)
+            part2 = torch.empty((ns2, KKP, C), **f32) if need_dw else gc
+
+            def grid2(meta):
+                return (ns2 * triton.cdiv(C, meta["BLOCK_C"]),)
+
+            _launch(_BWD_DX[cl])[grid2](
+                x, k["wt"], gc, dx, part2,
+                N, C, H, W, OH, OW, ns2,
+                *x.stride(), *gc.stride(), *(dx.stride() if need_dx else (0, 0, 0, 0)),
+                padding[0], padding[1], dilation[0], dilation[1],
+                k["C_BUCKET"], hw,
+                SH=stride[0], SW=stride[1], KH=KH, KW=KW, KKP=KKP, NEED_DX=need_dx, NEED_DW=need_dw,
+            )
+            if need_dw:
+                dw = part2.sum(dim=0)[:KK].t()
+
+    def cast(t, like, dtype):
+        return t.to(dtype) if t is not None else torch.empty((0,), dtype=dtype, device=x.device)
+
+    dw_out = dw.reshape(C, 1, KH, KW).to(weight.dtype).contiguous() if need_dw \
+        else torch.empty((0,), dtype=weight.dtype, device=x.device)
+    ds_out = cast(ds, scale, scale.dtype if scale is not None else torch.float32)
+    db_out = cast(db, shift, shift.dtype if shift is not None else torch.float32)
+    return dx, dw_out, ds_out, db_out
+
+
+# ------------------------------------------------------------------------------------------
+# Op registration
+
+
+def _fwd_fake(x, weight, scale, shift, stride, padding, dilation, act):
+    OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
+    return torch.empty((x.shape[0], x.shape[1], OH, OW), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
+
+
+def _bwd_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
+    _check(x, weight, scale, shift, stride, padding, dilation, act)
+    e = lambda dt: torch.empty((0,), dtype=dt, device=x.device)  # noqa: E731
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)) \
+        if output_mask[0] else e(x.dtype)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] else e(weight.dtype)
+    sdt = scale.dtype if scale is not None else torch.float32
+    bdt = shift.dtype if shift is not None else torch.float32
+    ds = torch.empty((x.shape[1],), dtype=sdt, device=x.device) if (output_mask[2] and scale is not None) else e(sdt)
+    db = torch.empty((x.shape[1],), dtype=bdt, device=x.device) if (output_mask[3] and shift is not None) else e(bdt)
+    return dx, dw, ds, db
+
+
+def _fwd_op_fn(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+               stride: List[int], padding: List[int], dilation: List[int], act: str) -> Tensor:
+    return dwconv_bn_act_fwd(x, weight, scale, shift, stride, padding, dilation, act)
+
+
+def _bwd_op_fn(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+               stride: List[int], padding: List[int], dilation: List[int], act: str, output_mask: List[bool],
+               deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return dwconv_bn_act_bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
+                             deterministic)
+
+
+if INTERPRET:
+    _fwd_op = torch.library.custom_op("fastdw::dwconv_bn_act_triton", _fwd_op_fn, mutates_args=())
+    _fwd_op.register_fake(_fwd_fake)
+    _bwd_op = torch.library.custom_op("fastdw::_dwconv_bn_act_backward_triton", _bwd_op_fn, mutates_args=())
+    _bwd_op.register_fake(_bwd_fake)
+else:
+    _fwd_op = torch.library.triton_op("fastdw::dwconv_bn_act_triton", _fwd_op_fn, mutates_args=())
+    _bwd_op = torch.library.triton_op("fastdw::_dwconv_bn_act_backward_triton", _bwd_op_fn, mutates_args=())
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, shift, stride, padding, dilation, act = inputs
+    ctx.conf = (stride, padding, dilation, act)
+    ctx.save_for_backward(x, weight, scale, shift)
+
+
+def _backward(ctx, grad):
+    x, weight, scale, shift = ctx.saved_tensors
+    stride, padding, dilation, act = ctx.conf
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and scale is not None, need[3] and shift is not None]
+    if not any(mask):
+        return (None,) * 8
+    dx, dw, ds, db = _bwd_op(grad, x, weight, scale, shift, stride, padding, dilation, act, mask,
+                             deterministic_requested())
+    return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
+            db if mask[3] else None, None, None, None, None)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError("fastdw: double backward of dwconv_bn_act is not supported "
+                       "(create_graph=True through the fused op)")
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_bwd_op.register_autograd(_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+OP = torch.ops.fastdw.dwconv_bn_act_triton.default
+BWD_OP = torch.ops.fastdw._dwconv_bn_act_backward_triton.default
+
+
+def dwconv_bn_act_triton(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                         stride, padding, dilation, act: str) -> Tensor:
+    """What fastdw.dwconv_bn_act(..., backend='triton') calls: the Triton op (autograd-aware).
+    stride/padding/dilation are (h, w) pairs."""
+    return _fwd_op(x, weight, scale, shift, list(stride), list(padding), list(dilation), act)
