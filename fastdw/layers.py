@@ -66,11 +66,35 @@ EFFICIENTNET_B0 = _table("efficientnet_b0", "silu", [
     (1152, 7, 3, 1),
 ])
 
+# Xception (Chollet 2017; timm's legacy_xception) at its 299x299 input: separable convs, the
+# depthwise conv feeds the pointwise conv directly (no BN or activation in between: act "none").
+# Entry flow 6, middle flow 8 blocks x 3 at 728 channels and 19x19, exit flow 4.
+XCEPTION = _table("xception", "none", [
+    (64, 147, 3, 1), (128, 147, 3, 1), (128, 74, 3, 1), (256, 74, 3, 1), (256, 37, 3, 1), (728, 37, 3, 1),
+    *[(728, 19, 3, 1)] * 24,
+    (728, 19, 3, 1), (728, 19, 3, 1), (1024, 10, 3, 1), (1536, 10, 3, 1),
+])
+
 NETWORKS: Dict[str, List[DWLayer]] = {
     "mobilenet_v2": MOBILENET_V2,
     "mobilenet_v3_large": MOBILENET_V3_LARGE,
     "efficientnet_b0": EFFICIENTNET_B0,
+    "xception": XCEPTION,
 }
+
+INPUT_SIZE = {"mobilenet_v2": 224, "mobilenet_v3_large": 224, "efficientnet_b0": 224, "xception": 299}
+
+
+def unique_layers(layers: List[DWLayer]) -> List[DWLayer]:
+    """The first layer of each distinct (C, H, W, k, stride, act): what a sweep needs to time
+    (Xception's middle flow is one shape 24 times)."""
+    seen, out = set(), []
+    for L in layers:
+        key = (L.C, L.H, L.W, L.k, L.stride, L.act)
+        if key not in seen:
+            seen.add(key)
+            out.append(L)
+    return out
 
 _ACT_KIND = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
 

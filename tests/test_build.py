@@ -99,10 +99,22 @@ def test_triton_backend_unavailable_is_a_clear_error():
 
 
 @pytest.mark.parametrize("net", sorted(layers.NETWORKS))
-def test_layer_registry_matches_torchvision(net):
-    torchvision = pytest.importorskip("torchvision")
-    model = getattr(torchvision.models, net)()
-    assert layers.extract_dw_layers(model, net) == layers.NETWORKS[net]
+def test_layer_registry_matches_the_real_networks(net):
+    """torchvision's networks; Xception from timm (legacy_xception, the paper's network, 299x299)."""
+    if net == "xception":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("legacy_xception", pretrained=False)
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        model = getattr(torchvision.models, net)()
+    assert layers.extract_dw_layers(model, net, layers.INPUT_SIZE[net]) == layers.NETWORKS[net]
+
+
+def test_unique_layers():
+    u = layers.unique_layers(layers.XCEPTION)
+    assert len(layers.XCEPTION) == 34 and len(u) == 9
+    assert sum(1 for L in layers.XCEPTION if (L.C, L.H) == (728, 19)) == 26
+    assert layers.unique_layers(layers.MOBILENET_V2)[0] == layers.MOBILENET_V2[0]
 
 
 def test_mobilenet_v2_has_17_depthwise_layers():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastdw
+from fastdw.bench import randomize_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -22,15 +23,7 @@ DEVICES = [
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
+    return randomize_bn(model, seed, spread=0.2)
 
 
 def _block(device, train: bool):
