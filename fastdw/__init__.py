@@ -8,6 +8,24 @@ import torch as _torch  # loads libtorch/libc10 before the extension that links 
 
 from .version import __version__
 
+
+def _check_torch_abi() -> None:
+    """A binary build links torch's C++ ABI: under another torch major.minor, loading _C would fail
+    with an undefined symbol (or worse). Say what is wrong instead."""
+    try:
+        from ._build_config import TORCH_VERSION as built
+    except ImportError:  # a source tree that was never built: nothing to check
+        return
+    mm = lambda v: tuple(v.split("+")[0].split(".")[:2])  # noqa: E731
+    if mm(built) != mm(_torch.__version__):
+        raise ImportError(
+            f"fastdw {__version__} was built against torch {built}, but torch {_torch.__version__} is "
+            f"installed; its compiled kernels only load under torch {'.'.join(mm(built))}.x. Install the "
+            f"fastdw wheel built for your torch, or rebuild: pip install --no-build-isolation --no-deps .")
+
+
+_check_torch_abi()
+
 try:  # registers the fastdw:: ops (TORCH_LIBRARY) with the dispatcher
     from . import _C  # noqa: F401
 
@@ -22,6 +40,21 @@ from ._utils import ACTIVATIONS, BACKENDS, output_memory_format
 from .ops import available_backends, dwconv_bn_act, resolve_backend
 from .nn import DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
 from .convert import convert, revert
+
+
+def _check_gpu_arch() -> None:
+    """On a GPU this build has no kernels for: the warning now, at import (backend='auto' then
+    uses the Triton kernels for that GPU)."""
+    try:
+        if HAS_EXT and _torch.cuda.is_available() and _C.build_info().get("with_cuda"):
+            from .ops import _cuda_arch_ok
+
+            _cuda_arch_ok(_torch.cuda.current_device())
+    except RuntimeError:  # a broken driver is reported when a GPU op is first used
+        pass
+
+
+_check_gpu_arch()
 
 
 def build_info() -> dict:

@@ -453,6 +453,9 @@ def _model_runner(m: nn.Module, how: str, mode: str, xs: List[torch.Tensor]):
         return run, out
     # train_step: forward, cross-entropy on fixed labels, backward, SGD step (in the model's dtype)
     m.train()
+    for mod in m.modules():  # dropout off: stock and converted outputs must be comparable
+        if isinstance(mod, nn.Dropout):
+            mod.eval()
     f = torch.compile(m) if how == "compile" else m
     labels = torch.zeros(xs[0].shape[0], dtype=torch.long, device=xs[0].device)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: repeated steps keep the weights

@@ -114,6 +114,52 @@ def _has_kernel(key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastdw::dwconv_bn_act", key)
 
 
+def _binary_archs() -> List[str]:
+    try:
+        from . import _C  # noqa: PLC0415
+
+        return list(_C.build_info().get("cuda_archs", []))
+    except ImportError:
+        return []
+
+
+def arch_runs(archs: List[str], cap) -> bool:
+    """Whether a binary with these archs ("8.0", "9.0+PTX", ...) runs on compute capability cap
+    (major, minor): SASS of the same major and a minor <= the device's, or PTX of any arch <= it
+    (the driver JIT-compiles PTX forward)."""
+    for a in archs:
+        ptx = a.endswith("+PTX")
+        major, minor = (int(v) for v in a.replace("+PTX", "").split("."))
+        if (major, minor) <= tuple(cap) and (ptx or major == cap[0]):
+            return True
+    return False
+
+
+_ARCH_OK: dict = {}
+
+
+@torch._dynamo.assume_constant_result
+def _cuda_arch_ok(index: int) -> bool:
+    """The CUDA kernels of this build run on GPU `index` (else: warn once, use Triton)."""
+    if index not in _ARCH_OK:
+        cap = torch.cuda.get_device_capability(index)
+        archs = _binary_archs()
+        ok = arch_runs(archs, cap)
+        _ARCH_OK[index] = ok
+        if not ok:
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(f"fastdw: this build's CUDA kernels are compiled for {archs}, which cannot run on "
+                          f"GPU {index} (sm_{cap[0]}{cap[1]}, {torch.cuda.get_device_name(index)}); "
+                          "backend='auto' uses the Triton kernels there. Rebuild with FASTDW_CUDA_ARCHS including "
+                          f"{cap[0]}.{cap[1]} for the CUDA kernels.", RuntimeWarning, stacklevel=3)
+    return _ARCH_OK[index]
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 _TRITON_IMPORT_ERROR: Optional[str] = None
 _TRITON_MODULE: list = []  # [module or None] once looked up
 
@@ -176,7 +222,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     dev = device.type
     if backend == "auto":
         if dev == "cuda":
-            if _has_kernel("CUDA"):
+            if _has_kernel("CUDA") and _cuda_arch_ok(_device_index(device)):
                 return "cuda"
             if _triton_available():
                 return "triton"
@@ -189,6 +235,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cuda":
         if dev not in ("cuda", "meta"):
             raise ValueError(f"fastdw: backend='cuda' needs CUDA tensors; x is on {device}")
+        if dev == "cuda" and _has_kernel("CUDA") and not _cuda_arch_ok(_device_index(device)):
+            raise RuntimeError(f"fastdw: backend='cuda' requested but this build's CUDA kernels "
+                               f"({_binary_archs()}) cannot run on {torch.cuda.get_device_name(device)} "
+                               f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}); use "
+                               "backend='triton' or rebuild with FASTDW_CUDA_ARCHS set for it")
         if not _has_kernel("CUDA"):
             raise RuntimeError("fastdw: backend='cuda' requested but this build has no CUDA kernels "
                                f"(fastdw.build_info() = {_build_info_or_none()}); rebuild on a machine "

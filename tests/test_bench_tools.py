@@ -129,3 +129,15 @@ def test_report_plot(tmp_path):
     out = tmp_path / "bw.png"
     rep.plot(res, out)
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_rows_cpu():
+    """The whole-network path of the runner on the CPU: stock vs converted MobileNetV2, inference
+    and a training step, checked against stock before timing."""
+    pytest.importorskip("torchvision")
+    rows = fb.model_rows("mobilenet_v2", 1, "float32", "channels_last", ["stock_eager", "fastdw_eager"],
+                         ["inference", "train_step"], repeats=2, device="cpu")
+    assert len(rows) == 4, rows
+    for r in rows:
+        assert r["median_ms"] and r["median_ms"] > 0 and not r["note"], r
+        assert r["max_rel_err"] < 1e-3, r

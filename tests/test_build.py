@@ -120,3 +120,40 @@ def test_unique_layers():
 def test_mobilenet_v2_has_17_depthwise_layers():
     assert len(layers.MOBILENET_V2) == 17
     assert all(layer.k == 3 and layer.act == "relu6" for layer in layers.MOBILENET_V2)
+
+
+def test_source_list_names_every_source():
+    """csrc/sources.txt (read by setup.py and CMakeLists.txt) lists every .cpp / .cu in csrc."""
+    root = Path(__file__).resolve().parents[1]
+    listed = set()
+    for line in (root / "csrc" / "sources.txt").read_text().splitlines():
+        parts = line.split("#", 1)[0].split()
+        if parts:
+            assert (root / "csrc" / parts[0]).exists(), f"sources.txt names a missing file {parts[0]}"
+            listed.add(parts[0])
+    on_disk = {str(p.relative_to(root / "csrc")) for ext in ("*.cpp", "*.cu") for p in (root / "csrc").rglob(ext)}
+    assert listed == on_disk, f"not listed: {sorted(on_disk - listed)}; listed but absent: {sorted(listed - on_disk)}"
+
+
+def test_import_under_another_torch_is_a_clear_error(tmp_path):
+    """A binary built for another torch major.minor: `import fastdw` raises an ImportError that says
+    so (not an undefined-symbol error from loading _C)."""
+    root = Path(__file__).resolve().parents[1]
+    pkg = tmp_path / "fastdw"
+    shutil.copytree(root / "fastdw", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_config.py"))
+    (pkg / "_build_config.py").write_text("TORCH_VERSION = '1.13.1+cu117'\nCUDA_VERSION = '11.7'\n"
+                                          "CUDA_ARCHS = ['8.0']\nVERSION = '0.1.0+cu117torch1.13'\n")
+    r = subprocess.run([sys.executable, "-c", "import fastdw"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "ImportError: fastdw" in r.stderr and "built against torch 1.13.1+cu117" in r.stderr, r.stderr[-2000:]
+    assert "undefined symbol" not in r.stderr
+
+
+def test_arch_compatibility_rule():
+    from fastdw.ops import arch_runs
+
+    wheel = ["8.0", "8.6", "8.9", "9.0+PTX"]
+    assert arch_runs(wheel, (8, 0)) and arch_runs(wheel, (8, 7)) and arch_runs(wheel, (9, 0))
+    assert arch_runs(wheel, (10, 0)) and arch_runs(wheel, (12, 0))  # through the PTX
+    assert not arch_runs(["8.0", "9.0"], (10, 0)) and not arch_runs(wheel, (7, 5))
+    assert not arch_runs([], (9, 0)) and not arch_runs(["8.6"], (8, 0))
