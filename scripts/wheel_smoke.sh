@@ -8,6 +8,9 @@ set -euo pipefail
 WHEEL=$(readlink -f "${1:?usage: scripts/wheel_smoke.sh WHEEL}")
 PY=${PYTHON:-python}
 TORCH_SPEC=${TORCH_SPEC:-torch==$($PY -c 'import torch; print(torch.__version__.split("+")[0])')}
+# resolve paths before leaving the current directory
+CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
+[ -n "$CUOBJDUMP" ] && CUOBJDUMP=$(readlink -f "$CUOBJDUMP")
 VENV=$(mktemp -d)/venv
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" numpy
@@ -39,7 +42,6 @@ for layout in (torch.contiguous_format, torch.channels_last):
 print("wheel smoke test: ok")
 PY
 # archs in the binary (needs cuobjdump: the CUDA toolkit's, or the nvidia-cuda-cuobjdump wheel's)
-CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
 SO=$(ls "$VENV"/lib/python*/site-packages/fastdw/_C*.so)
 if [ -n "$CUOBJDUMP" ] && "$VENV/bin/python" -c "import fastdw, sys; sys.exit(0 if fastdw.build_info()['with_cuda'] else 1)"; then
   ELF=$("$CUOBJDUMP" --list-elf "$SO" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')
