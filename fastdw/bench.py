@@ -6,7 +6,8 @@
     python -m fastdw.bench --list [filters]           # print the cases and exit (no GPU needed)
 
 Per depthwise layer of the registry (fastdw/layers.py) and per (N, dtype, layout), every provider
-of the RESULTS spec is checked against the fp32 reference, then timed:
+of the RESULTS spec is checked against the fp32 reference (input gradients with grad_err: a few
+activation-kink flips allowed), then timed:
   fastdw_cuda, fastdw_triton   the fused op (backend="cuda" / "triton")
   eager                        Conv2d(groups=C) + BatchNorm2d + activation modules (cuDNN or
                                PyTorch's native depthwise kernel: which one is recorded in note)
@@ -117,6 +118,23 @@ def make_block(L: DWLayer, dtype: torch.dtype, device, layout: str, seed: int = 
         blk[1].running_mean.copy_(torch.randn(L.C, generator=g) * 0.1)
         blk[1].running_var.copy_(torch.rand(L.C, generator=g) + 0.5)
     return blk.eval().to(device=device, dtype=dtype, memory_format=_fmt(layout))
+
+
+def grad_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """rel_err for an input gradient, ignoring its few largest differences: where an output lands
+    within rounding of an activation kink (ReLU6 at 0 or 6), the provider and the fp32 reference
+    may legitimately take different branches, and each such flip moves up to k*k elements of dx
+    by a whole dy*w. Drops max(64, numel/10^4) elements: a handful of flips, never a wrong kernel
+    (which is wrong almost everywhere)."""
+    a, b = a.float(), b.float()
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    d = (a - b).abs().flatten()
+    drop = min(d.numel() - 1, max(64, d.numel() // 10_000))
+    kept = d.kthvalue(d.numel() - drop).values if drop > 0 else d.max()
+    return (kept / b.abs().max().clamp_min(1e-6)).item()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -268,7 +286,7 @@ class LayerBench:
 
                 def check():
                     dx, dw, _, _ = op(*args)
-                    return max(rel_err(dx, want[0]), rel_err(dw, want[1]))
+                    return max(grad_err(dx, want[0]), rel_err(dw, want[1]))
                 return (lambda: op(*args)), check, ""
             m = self.blk if provider == "eager" else (self.compiled(provider, train=False)
                                                      if provider in ("compile", "compile_max") else None)
@@ -285,7 +303,7 @@ class LayerBench:
 
             def check():
                 g = fn()
-                return max(rel_err(g[0], want[0]), rel_err(g[1], want[1]))
+                return max(grad_err(g[0], want[0]), rel_err(g[1], want[1]))
             return fn, check, ""
         if mode == "train":
             want_y, want_dx = self.ref_train()
@@ -307,7 +325,7 @@ class LayerBench:
 
             def check():
                 y, dx = step(self.x0)
-                return max(rel_err(y, want_y), rel_err(dx, want_dx))
+                return max(rel_err(y, want_y), grad_err(dx, want_dx))
             return (lambda: step(self.next_x())), check, ""
         raise ValueError(f"unknown mode {mode!r}")
 

@@ -141,3 +141,15 @@ def test_model_rows_cpu():
     for r in rows:
         assert r["median_ms"] and r["median_ms"] > 0 and not r["note"], r
         assert r["max_rel_err"] < 1e-3, r
+
+
+def test_grad_err_allows_kink_flips_not_wrong_kernels():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 32, 112, 112, generator=g)
+    flipped = ref.clone()
+    flipped[0, 3, 50:53, 60:63] += 2.0  # one relu6 kink flip: a 3x3 patch of dx moves by dy*w
+    assert fb.rel_err(flipped, ref) > 0.1 and fb.grad_err(flipped, ref) == 0.0
+    assert fb.grad_err(ref * 1.01, ref) > 5e-3  # wrong everywhere: caught
+    wrong_channel = ref.clone()
+    wrong_channel[0, 5] = 0  # a whole channel wrong: caught
+    assert fb.grad_err(wrong_channel, ref) > 0.1
