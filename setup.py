@@ -99,8 +99,9 @@ def read_sources():
     return out
 
 
-cpp_sources = [s for s in read_sources() if s.endswith(".cpp")]
-cu_sources = [s for s in read_sources() if s.endswith(".cu")]
+sources = read_sources()
+cpp_sources = [s for s in sources if s.endswith(".cpp")]
+cu_sources = [s for s in sources if s.endswith(".cu")]
 
 # FASTDW_LOCAL_VERSION=1 (scripts/build_wheel.sh): the wheel's version names the torch and CUDA
 # it was built against (PEP 440 local version, e.g. 0.1.0+cu130torch2.14): the binary links

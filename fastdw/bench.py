@@ -45,7 +45,7 @@ from torch import nn
 import fastdw
 from fastdw.layers import INPUT_SIZE, NETWORKS, DWLayer, unique_layers
 from fastdw.reference import dwconv_bn_act_ref
-from fastdw.timing import time_cpu, time_cuda
+from fastdw.timing import time_cuda, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER_PROVIDERS = ("fastdw_cuda", "fastdw_triton", "eager", "eager_folded", "compile", "compile_max", "clone")
@@ -349,7 +349,7 @@ class LayerBench:
                 row["note"] = f"check failed (max_rel_err {err:.3g} > {self.tol:g}); not timed"
                 return row
             with grad:
-                t = (time_cuda if self.device.type == "cuda" else time_cpu)(fn, repeats=repeats, warmup=warmup)
+                t = time_fn(fn, self.device, repeats, warmup)
                 row.update(median_us=t.median_ms * 1e3, p20_us=t.p20_ms * 1e3, p80_us=t.p80_ms * 1e3)
                 if provider in ("eager", "fastdw_cuda", "fastdw_triton") and self.device.type == "cuda":
                     row["host_us"] = host_time_us(fn, max(10, repeats // 2))
@@ -419,7 +419,7 @@ def model_rows(net: str, N: int, dtype_name: str, layout: str, providers: Sequen
                 ref_m = copy.deepcopy(stock)
                 ref_fn, ref_out = _model_runner(ref_m, "eager", mode, xs)
                 base["max_rel_err"] = rel_err(out_fn(), ref_out())
-                t = (time_cuda if torch.device(device).type == "cuda" else time_cpu)(fn, repeats=repeats, warmup=5)
+                t = time_fn(fn, torch.device(device), repeats, 5)
                 base.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
             except Exception as e:  # noqa: BLE001
                 base["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -40,7 +40,8 @@ HAS_OPS = _has_ops()
 
 
 # ------------------------------------------------------------------------------------------
-# Fake kernels and autograd (only when the C++ schemas are registered, i.e. _C imported).
+# Fake kernels and autograd, shared by the C++ ops (registered here when _C is loaded) and the
+# Triton ops (fastdw/triton/dwconv_bn_act.py).
 
 def _empty0(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((0,), dtype=dtype, device=like.device)
@@ -50,58 +51,69 @@ def _grad_dtype(t: Optional[torch.Tensor]) -> torch.dtype:
     return t.dtype if t is not None else torch.float32
 
 
-if HAS_OPS:
-    _fwd_op = torch.ops.fastdw.dwconv_bn_act.default
-    _bwd_op = torch.ops.fastdw._dwconv_bn_act_backward.default
+def fake_forward(x, weight, scale, shift, stride, padding, dilation, act):
+    """The forward's output metadata (shape, dtype, layout rule), after the argument checks."""
+    oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
+    return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
 
-    @torch.library.register_fake("fastdw::dwconv_bn_act")
-    def _dwconv_bn_act_fake(x, weight, scale, shift, stride, padding, dilation, act):
-        oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
-        return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
-                           memory_format=output_memory_format(x))
 
-    @torch.library.register_fake("fastdw::_dwconv_bn_act_backward")
-    def _dwconv_bn_act_backward_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act,
-                                     output_mask, deterministic):
-        check_args(x, weight, scale, shift, stride, padding, dilation, act)
-        dx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-              if output_mask[0] else _empty0(x, x.dtype))
-        dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] \
-            else _empty0(x, weight.dtype)
-        ds = torch.empty_like(scale, memory_format=torch.contiguous_format) \
-            if (output_mask[2] and scale is not None) else _empty0(x, _grad_dtype(scale))
-        db = torch.empty_like(shift, memory_format=torch.contiguous_format) \
-            if (output_mask[3] and shift is not None) else _empty0(x, _grad_dtype(shift))
-        return dx, dw, ds, db
+def fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
+    """The backward's four outputs: empty (0,) tensors where output_mask (or a None input) says none."""
+    check_args(x, weight, scale, shift, stride, padding, dilation, act)
+    dx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+          if output_mask[0] else _empty0(x, x.dtype))
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] \
+        else _empty0(x, weight.dtype)
+    ds = torch.empty_like(scale, memory_format=torch.contiguous_format) \
+        if (output_mask[2] and scale is not None) else _empty0(x, _grad_dtype(scale))
+    db = torch.empty_like(shift, memory_format=torch.contiguous_format) \
+        if (output_mask[3] and shift is not None) else _empty0(x, _grad_dtype(shift))
+    return dx, dw, ds, db
 
-    def _setup_context(ctx, inputs, output):
-        x, weight, scale, shift, stride, padding, dilation, act = inputs
-        ctx.conf = (stride, padding, dilation, act)
-        ctx.save_for_backward(x, weight, scale, shift)
 
-    def _backward(ctx, grad):
+def setup_context(ctx, inputs, output):
+    """Autograd of a forward op: save only the inputs (the backward recomputes the pre-activation)."""
+    x, weight, scale, shift, stride, padding, dilation, act = inputs
+    ctx.conf = (stride, padding, dilation, act)
+    ctx.save_for_backward(x, weight, scale, shift)
+
+
+def make_backward(bwd_op):
+    """The autograd backward of a forward op whose backward op is `bwd_op` (C++ or Triton)."""
+    def backward(ctx, grad):
         x, weight, scale, shift = ctx.saved_tensors
         stride, padding, dilation, act = ctx.conf
         need = ctx.needs_input_grad
         mask = [need[0], need[1], need[2] and scale is not None, need[3] and shift is not None]
         if not any(mask):
             return (None,) * 8
-        dx, dw, ds, db = _bwd_op(grad, x, weight, scale, shift, stride, padding, dilation, act, mask,
-                                 deterministic_requested())
+        dx, dw, ds, db = bwd_op(grad, x, weight, scale, shift, stride, padding, dilation, act, mask,
+                                deterministic_requested())
         return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
                 db if mask[3] else None, None, None, None, None)
+    return backward
 
-    torch.library.register_autograd("fastdw::dwconv_bn_act", _backward, setup_context=_setup_context)
 
-    def _double_backward(ctx, *grads):
-        raise RuntimeError("fastdw: double backward of dwconv_bn_act is not supported "
-                           "(create_graph=True through the fused op)")
+def double_backward(ctx, *grads):
+    raise RuntimeError("fastdw: double backward of dwconv_bn_act is not supported "
+                       "(create_graph=True through the fused op)")
 
-    def _bwd_setup_context(ctx, inputs, output):
-        pass
 
-    torch.library.register_autograd("fastdw::_dwconv_bn_act_backward", _double_backward,
-                                    setup_context=_bwd_setup_context)
+def no_setup_context(ctx, inputs, output):
+    pass
+
+
+if HAS_OPS:
+    _fwd_op = torch.ops.fastdw.dwconv_bn_act.default
+    _bwd_op = torch.ops.fastdw._dwconv_bn_act_backward.default
+    torch.library.register_fake("fastdw::dwconv_bn_act", fake_forward)
+    torch.library.register_fake("fastdw::_dwconv_bn_act_backward", fake_backward)
+    # the backward op is looked up at call time, so tests can wrap it (fastdw.ops._bwd_op)
+    torch.library.register_autograd("fastdw::dwconv_bn_act", make_backward(lambda *a: _bwd_op(*a)),
+                                    setup_context=setup_context)
+    torch.library.register_autograd("fastdw::_dwconv_bn_act_backward", double_backward,
+                                    setup_context=no_setup_context)
 
 
 # ------------------------------------------------------------------------------------------

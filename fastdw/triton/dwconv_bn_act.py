@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._utils import ACTIVATIONS, check_args, deterministic_requested, output_memory_format
+from .._utils import ACTIVATIONS, check_args, output_memory_format
+from ..ops import double_backward, fake_backward, fake_forward, make_backward, no_setup_context, setup_context
 
 __all__ = ["dwconv_bn_act_triton", "dwconv_bn_act_fwd", "dwconv_bn_act_bwd", "INTERPRET", "OP_KIND"]
 
@@ -113,6 +114,16 @@ def _tile_coords(t, OH, OW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _program_coords(C, BLOCK_C: tl.constexpr):
+    """1-D grid with the channel block fastest: (pid // channel blocks, this program's channels,
+    their in-range mask)."""
+    pid = tl.program_id(0)
+    cblocks = tl.cdiv(C, BLOCK_C)
+    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid // cblocks, c, c < C
+
+
+@triton.jit
 def _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw,
                SH: tl.constexpr, SW: tl.constexpr, PH, PW, DH, DW,
                KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -146,11 +157,8 @@ def _dwconv_fwd_kernel(
     """One program: one tile of BLOCK_H x BLOCK_W output pixels x BLOCK_C channels of one image.
     1-D grid, channel block fastest: (tiles, channel blocks) = (pid // CB, pid % CB)."""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    cblocks = tl.cdiv(C, BLOCK_C)
-    n, oh, ow = _tile_coords(pid // cblocks, OH, OW, BLOCK_H, BLOCK_W)
-    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    tile, c, cm = _program_coords(C, BLOCK_C)
+    n, oh, ow = _tile_coords(tile, OH, OW, BLOCK_H, BLOCK_W)
     pm = (oh < OH) & (ow < OW)
     acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
                      KH, KW, BLOCK_P, BLOCK_C)
@@ -178,11 +186,7 @@ def _dwconv_bwd_gu_kernel(
     u = conv(x)*scale + shift, g = act'(u)*dy; stores gc = g*scale (fp32); writes
     PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift)."""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    cblocks = tl.cdiv(C, BLOCK_C)
-    s = pid // cblocks
-    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    s, c, cm = _program_coords(C, BLOCK_C)
     if HAS_SCALE:
         sc = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)
     if HAS_SHIFT:
@@ -232,11 +236,7 @@ def _dwconv_bwd_dx_kernel(
     dx[i] = sum_t w[t] * gc[o], dweight[t] += x[i] * gc[o], where o*stride = i + pad - t*dil.
     Writes PART[s, t, c] (t < KH*KW) = this program's dweight sums."""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
-    pid = tl.program_id(0)
-    cblocks = tl.cdiv(C, BLOCK_C)
-    s = pid // cblocks
-    c = (pid % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    s, c, cm = _program_coords(C, BLOCK_C)
     taps = tl.arange(0, KKP)
     dw = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)
     ntiles = N * tl.cdiv(H, BLOCK_H) * tl.cdiv(W, BLOCK_W)
@@ -351,12 +351,17 @@ def _num_splits(x: Tensor, positions: int, channel_programs: int) -> int:
 
 def _check(x, weight, scale, shift, stride, padding, dilation, act):
     oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
+    _check_triton_limits(x)
+    return oh, ow
+
+
+def _check_triton_limits(x):
+    """What the Triton kernels add to the op's argument checks: no fp64, int32 offsets per image."""
     torch._check_type(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
                       lambda: f"fastdw: the Triton backend takes float32, float16 or bfloat16 x; got {x.dtype}")
     torch._check_value(x.shape[1] * x.shape[2] * x.shape[3] < 2 ** 31,
                        lambda: "fastdw: the Triton backend needs C*H*W < 2**31 elements per image; got "
                                f"{list(x.shape)}")
-    return oh, ow
 
 
 def _common(x, weight, scale, shift, stride, padding, dilation, act):
@@ -470,14 +475,12 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
             if need_dw:
                 dw = part2.sum(dim=0)[:KK].t()
 
-    def cast(t, like, dtype):
+    def out(t, like):  # in the input's dtype; an empty (0,) tensor where not asked for
+        dtype = like.dtype if like is not None else torch.float32
         return t.to(dtype) if t is not None else torch.empty((0,), dtype=dtype, device=x.device)
 
-    dw_out = dw.reshape(C, 1, KH, KW).to(weight.dtype).contiguous() if need_dw \
-        else torch.empty((0,), dtype=weight.dtype, device=x.device)
-    ds_out = cast(ds, scale, scale.dtype if scale is not None else torch.float32)
-    db_out = cast(db, shift, shift.dtype if shift is not None else torch.float32)
-    return dx, dw_out, ds_out, db_out
+    return (dx, out(dw.reshape(C, 1, KH, KW) if need_dw else None, weight).contiguous(), out(ds, scale),
+            out(db, shift))
 
 
 # ------------------------------------------------------------------------------------------
@@ -485,72 +488,32 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
 
 
 def _fwd_fake(x, weight, scale, shift, stride, padding, dilation, act):
-    OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
-    return torch.empty((x.shape[0], x.shape[1], OH, OW), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
+    out = fake_forward(x, weight, scale, shift, stride, padding, dilation, act)
+    _check_triton_limits(x)
+    return out
 
 
 def _bwd_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
-    _check(x, weight, scale, shift, stride, padding, dilation, act)
-    e = lambda dt: torch.empty((0,), dtype=dt, device=x.device)  # noqa: E731
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)) \
-        if output_mask[0] else e(x.dtype)
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] else e(weight.dtype)
-    sdt = scale.dtype if scale is not None else torch.float32
-    bdt = shift.dtype if shift is not None else torch.float32
-    ds = torch.empty((x.shape[1],), dtype=sdt, device=x.device) if (output_mask[2] and scale is not None) else e(sdt)
-    db = torch.empty((x.shape[1],), dtype=bdt, device=x.device) if (output_mask[3] and shift is not None) else e(bdt)
-    return dx, dw, ds, db
+    out = fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
+                        deterministic)
+    _check_triton_limits(x)
+    return out
 
 
-def _fwd_op_fn(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-               stride: List[int], padding: List[int], dilation: List[int], act: str) -> Tensor:
-    return dwconv_bn_act_fwd(x, weight, scale, shift, stride, padding, dilation, act)
-
-
-def _bwd_op_fn(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-               stride: List[int], padding: List[int], dilation: List[int], act: str, output_mask: List[bool],
-               deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return dwconv_bn_act_bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
-                             deterministic)
-
-
+# The launchers' annotations are the ops' schemas.
 if INTERPRET:
-    _fwd_op = torch.library.custom_op("fastdw::dwconv_bn_act_triton", _fwd_op_fn, mutates_args=())
+    _fwd_op = torch.library.custom_op("fastdw::dwconv_bn_act_triton", dwconv_bn_act_fwd, mutates_args=())
     _fwd_op.register_fake(_fwd_fake)
-    _bwd_op = torch.library.custom_op("fastdw::_dwconv_bn_act_backward_triton", _bwd_op_fn, mutates_args=())
+    _bwd_op = torch.library.custom_op("fastdw::_dwconv_bn_act_backward_triton", dwconv_bn_act_bwd,
+                                      mutates_args=())
     _bwd_op.register_fake(_bwd_fake)
 else:
-    _fwd_op = torch.library.triton_op("fastdw::dwconv_bn_act_triton", _fwd_op_fn, mutates_args=())
-    _bwd_op = torch.library.triton_op("fastdw::_dwconv_bn_act_backward_triton", _bwd_op_fn, mutates_args=())
+    _fwd_op = torch.library.triton_op("fastdw::dwconv_bn_act_triton", dwconv_bn_act_fwd, mutates_args=())
+    _bwd_op = torch.library.triton_op("fastdw::_dwconv_bn_act_backward_triton", dwconv_bn_act_bwd,
+                                      mutates_args=())
 
-
-def _setup_context(ctx, inputs, output):
-    x, weight, scale, shift, stride, padding, dilation, act = inputs
-    ctx.conf = (stride, padding, dilation, act)
-    ctx.save_for_backward(x, weight, scale, shift)
-
-
-def _backward(ctx, grad):
-    x, weight, scale, shift = ctx.saved_tensors
-    stride, padding, dilation, act = ctx.conf
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2] and scale is not None, need[3] and shift is not None]
-    if not any(mask):
-        return (None,) * 8
-    dx, dw, ds, db = _bwd_op(grad, x, weight, scale, shift, stride, padding, dilation, act, mask,
-                             deterministic_requested())
-    return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
-            db if mask[3] else None, None, None, None, None)
-
-
-def _double_backward(ctx, *grads):
-    raise RuntimeError("fastdw: double backward of dwconv_bn_act is not supported "
-                       "(create_graph=True through the fused op)")
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_bwd_op.register_autograd(_double_backward, setup_context=lambda ctx, inputs, output: None)
+_fwd_op.register_autograd(make_backward(_bwd_op), setup_context=setup_context)
+_bwd_op.register_autograd(double_backward, setup_context=no_setup_context)
 
 OP = torch.ops.fastdw.dwconv_bn_act_triton.default
 BWD_OP = torch.ops.fastdw._dwconv_bn_act_backward_triton.default
