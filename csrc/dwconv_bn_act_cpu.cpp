@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -312,17 +313,20 @@ inline void conv_row_nhwc_dispatch(acc_t* z, const acc_t* const* rows, const acc
   conv_row_nhwc<acc_t, 0>(z, rows, wt, p.OW, p.C, p.W, p.KH, p.KW, p.stride_w, p.pad_w, p.dil_w, ow_lo, ow_hi);
 }
 
-// Forward epilogues: y = act(z * scale + shift), rounded once to the output dtype.
+// Forward epilogues: y = act((z - center) * scale + shift), rounded once to the output dtype.
+// center is 0 for the inference op (exactly z * scale + shift) and the batch mean in training,
+// where folding it into the shift (beta - mean * scale) would cancel digits when |mean| >> std.
 template <Act A, typename scalar_t, typename acc_t>
 FASTDW_CLONES void epilogue_nchw(scalar_t* __restrict out, acc_t* __restrict z, int64_t n, acc_t scale,
-                                 acc_t shift) {
-  for (int64_t i = 0; i < n; ++i) z[i] = act_fwd<A>(z[i] * scale + shift);
+                                 acc_t shift, acc_t center) {
+  for (int64_t i = 0; i < n; ++i) z[i] = act_fwd<A>((z[i] - center) * scale + shift);
   store_row<scalar_t, acc_t>(out, z, n);
 }
 
 template <Act A, typename scalar_t, typename acc_t>
 FASTDW_CLONES void epilogue_nhwc(scalar_t* out, acc_t* z, int64_t OW, int64_t C,
-                                 const acc_t* __restrict scale, const acc_t* __restrict shift) {
+                                 const acc_t* __restrict scale, const acc_t* __restrict shift,
+                                 const acc_t* __restrict center) {
   // fp32/fp64 outputs are written straight from the epilogue; narrower ones go through z and
   // one conversion pass.
   acc_t* dst = nullptr;
@@ -330,27 +334,41 @@ FASTDW_CLONES void epilogue_nhwc(scalar_t* out, acc_t* z, int64_t OW, int64_t C,
   for (int64_t ow = 0; ow < OW; ++ow) {
     const acc_t* zr = z + ow * C;
     acc_t* dr = dst + ow * C;
-    for (int64_t c = 0; c < C; ++c) dr[c] = act_fwd<A>(zr[c] * scale[c] + shift[c]);
+    for (int64_t c = 0; c < C; ++c) dr[c] = act_fwd<A>((zr[c] - center[c]) * scale[c] + shift[c]);
   }
   if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row<scalar_t, acc_t>(out, z, OW * C);
 }
 
-// Backward epilogue on one output row, in place on g: g <- gz = act'(u) * g * scale, with the
-// per-position partial sums of dshift (gu) and dscale (gu * z) accumulated into sb / ss.
-// NCHW passes scalar scale/shift (cstride 0); NHWC passes per-channel arrays (cstride 1).
-template <Act A, typename acc_t>
+// Per-channel data of the backward epilogue; NCHW passes pointers at channel c (cstride 0), NHWC
+// the per-channel arrays (cstride 1). center is 0 for the inference op, the batch mean in training.
+template <typename acc_t>
+struct EpiView {
+  const acc_t *scale, *shift, *center, *lin, *cst;
+};
+
+// Backward epilogue on one output row, in place on g, with the per-position partial sums of
+// dshift (gu) and dscale (gu * (z - center)) accumulated into sb / ss:
+//   inference (kTrain false):  g <- gz = act'(u) * g * scale
+//   training  (kTrain true):   g <- dz = scale * gu + lin * (z - center) + cst
+// (training BatchNorm: the batch-mean and batch-variance terms are affine in z per channel).
+template <Act A, bool kTrain, typename acc_t>
 FASTDW_CLONES void bwd_epilogue(acc_t* __restrict g, const acc_t* __restrict z, int64_t OW, int64_t C,
-                                const acc_t* __restrict scale, const acc_t* __restrict shift,
-                                int64_t cstride, acc_t* __restrict ss, acc_t* __restrict sb) {
+                                EpiView<acc_t> e, int64_t cstride, acc_t* __restrict ss, acc_t* __restrict sb) {
   for (int64_t ow = 0; ow < OW; ++ow) {
     const int64_t o = ow * C;
     for (int64_t c = 0; c < C; ++c) {
       const acc_t zc = z[o + c];
-      const acc_t sc = scale[c * cstride], sh = shift[c * cstride];
-      const acc_t gu = act_bwd<A>(zc * sc + sh, g[o + c]);
+      const int64_t k = c * cstride;
+      const acc_t sc = e.scale[k], sh = e.shift[k];
+      const acc_t zm = zc - e.center[k];
+      const acc_t gu = act_bwd<A>(zm * sc + sh, g[o + c]);
       sb[o + c] += gu;
-      ss[o + c] += gu * zc;
-      g[o + c] = gu * sc;
+      ss[o + c] += gu * zm;
+      if constexpr (kTrain) {
+        g[o + c] = gu * sc + (e.lin[k] * zm + e.cst[k]);
+      } else {
+        g[o + c] = gu * sc;
+      }
     }
   }
 }
@@ -413,6 +431,10 @@ FASTDW_CLONES void dx_row_nhwc(acc_t* __restrict dxrow, const acc_t* __restrict 
 template <typename acc_t>
 struct ChannelParams {
   std::vector<acc_t> w, scale, shift;
+  std::vector<acc_t> center, lin, cst;  // backward epilogue (EpiView): 0 for inference
+  EpiView<acc_t> view(int64_t c) const {
+    return {&scale[c], &shift[c], &center[c], lin.empty() ? nullptr : &lin[c], cst.empty() ? nullptr : &cst[c]};
+  }
 };
 
 template <typename acc_t>
@@ -435,6 +457,7 @@ ChannelParams<acc_t> channel_params(const at::Tensor& weight, const c10::optiona
   };
   cp.scale = vec(scale, acc_t(1));
   cp.shift = vec(shift, acc_t(0));
+  cp.center.assign(C, acc_t(0));
   return cp;
 }
 
@@ -446,35 +469,45 @@ inline int64_t grain_for(int64_t work_per_item) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-template <typename scalar_t, typename acc_t>
-void fwd_nchw(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
+// Calls fn(nc, z) for every (n, c) plane (in parallel), z = its compact OH x OW pre-activation.
+template <typename scalar_t, typename acc_t, typename Fn>
+void for_each_plane_nchw(const DwConvParams& p, const ChannelParams<acc_t>& cp, Fn&& fn) {
   const int64_t Hp = p.H + 2 * p.pad_h, Wp = p.W + 2 * p.pad_w, T = p.KH * p.KW, OHW = p.OH * p.OW;
   const auto* x = static_cast<const scalar_t*>(p.x_ptr);
-  auto* y = static_cast<scalar_t*>(p.out_ptr);
   const bool flat_s1 = nchw_flat_s1(p);
+  at::parallel_for(0, p.N * p.C, grain_for(OHW * T), [&](int64_t begin, int64_t end) {
+    // Padded plane (+ slack for the flat stride-1 loop); only the interior is ever written,
+    // so the borders stay zero across planes.
+    std::vector<acc_t> plane(Hp * Wp + p.KW, acc_t(0)), z(p.OH * std::max(Wp, p.OW));
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t c = nc % p.C;
+      const acc_t* wc = cp.w.data() + c * T;
+      const scalar_t* xp = x + nc * p.H * p.W;
+      for (int64_t h = 0; h < p.H; ++h)
+        load_row<scalar_t, acc_t>(plane.data() + (h + p.pad_h) * Wp + p.pad_w, xp + h * p.W, p.W);
+      if (flat_s1) {
+        const int64_t n = p.OH * Wp;
+        conv_plane_nchw_s1_dispatch<acc_t>(z.data(), plane.data(), Wp, wc, n, p.KH);
+        for (int64_t oh = 1; oh < p.OH; ++oh)  // compact rows: drop the padded-width garbage
+          std::memmove(z.data() + oh * p.OW, z.data() + oh * Wp, p.OW * sizeof(acc_t));
+      } else {
+        for (int64_t oh = 0; oh < p.OH; ++oh)
+          conv_row_nchw<acc_t>(z.data() + oh * p.OW, plane.data() + oh * p.stride_h * Wp, Wp, wc, p.OW, p);
+      }
+      fn(nc, z.data());
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_nchw(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
+  const int64_t OHW = p.OH * p.OW;
+  auto* y = static_cast<scalar_t*>(p.out_ptr);
   act_switch(p.act, [&](auto act_c) {
     constexpr Act A = decltype(act_c)::value;
-    at::parallel_for(0, p.N * p.C, grain_for(OHW * T), [&](int64_t begin, int64_t end) {
-      // Padded plane (+ slack for the flat stride-1 loop); only the interior is ever written,
-      // so the borders stay zero across planes.
-      std::vector<acc_t> plane(Hp * Wp + p.KW, acc_t(0)), z(p.OH * std::max(Wp, p.OW));
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const int64_t c = nc % p.C;
-        const acc_t* wc = cp.w.data() + c * T;
-        const scalar_t* xp = x + nc * p.H * p.W;
-        for (int64_t h = 0; h < p.H; ++h)
-          load_row<scalar_t, acc_t>(plane.data() + (h + p.pad_h) * Wp + p.pad_w, xp + h * p.W, p.W);
-        if (flat_s1) {
-          const int64_t n = p.OH * Wp;
-          conv_plane_nchw_s1_dispatch<acc_t>(z.data(), plane.data(), Wp, wc, n, p.KH);
-          for (int64_t oh = 1; oh < p.OH; ++oh)  // compact rows: drop the padded-width garbage
-            std::memmove(z.data() + oh * p.OW, z.data() + oh * Wp, p.OW * sizeof(acc_t));
-        } else {
-          for (int64_t oh = 0; oh < p.OH; ++oh)
-            conv_row_nchw<acc_t>(z.data() + oh * p.OW, plane.data() + oh * p.stride_h * Wp, Wp, wc, p.OW, p);
-        }
-        epilogue_nchw<A, scalar_t, acc_t>(y + nc * OHW, z.data(), OHW, cp.scale[c], cp.shift[c]);
-      }
+    for_each_plane_nchw<scalar_t, acc_t>(p, cp, [&](int64_t nc, acc_t* z) {
+      const int64_t c = nc % p.C;
+      epilogue_nchw<A, scalar_t, acc_t>(y + nc * OHW, z, OHW, cp.scale[c], cp.shift[c], cp.center[c]);
     });
   });
 }
@@ -498,47 +531,56 @@ inline void conv_out_row_nhwc_padded(acc_t* z, std::vector<std::vector<acc_t>>& 
   conv_row_nhwc_dispatch<acc_t>(z, ptrs.data(), cp.w.data(), p, 0, p.OW);
 }
 
-template <typename scalar_t, typename acc_t>
-void fwd_nhwc(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
+// Calls fn(r, z) for every output row r = n * OH + oh (in parallel), z = its OW x C pre-activation.
+template <typename scalar_t, typename acc_t, typename Fn>
+void for_each_row_nhwc(const DwConvParams& p, const ChannelParams<acc_t>& cp, Fn&& fn) {
   const int64_t C = p.C, rowlen = p.W * C;
   const auto* x = static_cast<const scalar_t*>(p.x_ptr);
-  auto* y = static_cast<scalar_t*>(p.out_ptr);
   const auto [ow_lo, ow_hi] = interior_cols(p.OW, p.W, p.KW, p.stride_w, p.pad_w, p.dil_w);
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
   // Low-precision inputs are converted to fp32 one input row at a time into a ring of
   // (KH-1)*dh+1 rows, so consecutive output rows of a task reuse the rows they share.
   const int64_t ring = (p.KH - 1) * p.dil_h + 1;
+  at::parallel_for(0, p.N * p.OH, grain_for(p.OW * C * p.KH * p.KW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> zero(rowlen, acc_t(0)), z(p.OW * C);
+    std::vector<acc_t> cache(kDirect ? 0 : ring * rowlen);
+    std::vector<int64_t> tag(ring, -1);
+    std::vector<const acc_t*> ptrs(p.KH);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / p.OH, oh = r % p.OH;
+      for (int64_t kh = 0; kh < p.KH; ++kh) {
+        const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
+        if (ih < 0 || ih >= p.H) {
+          ptrs[kh] = zero.data();
+          continue;
+        }
+        const int64_t row_id = n * p.H + ih;
+        if constexpr (kDirect) {
+          ptrs[kh] = x + row_id * rowlen;
+        } else {
+          const int64_t slot = ih % ring;
+          acc_t* dst = cache.data() + slot * rowlen;
+          if (tag[slot] != row_id) {
+            load_row<scalar_t, acc_t>(dst, x + row_id * rowlen, rowlen);
+            tag[slot] = row_id;
+          }
+          ptrs[kh] = dst;
+        }
+      }
+      conv_row_nhwc_dispatch<acc_t>(z.data(), ptrs.data(), cp.w.data(), p, ow_lo, ow_hi);
+      fn(r, z.data());
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_nhwc(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
+  auto* y = static_cast<scalar_t*>(p.out_ptr);
   act_switch(p.act, [&](auto act_c) {
     constexpr Act A = decltype(act_c)::value;
-    at::parallel_for(0, p.N * p.OH, grain_for(p.OW * C * p.KH * p.KW), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> zero(rowlen, acc_t(0)), z(p.OW * C);
-      std::vector<acc_t> cache(kDirect ? 0 : ring * rowlen);
-      std::vector<int64_t> tag(ring, -1);
-      std::vector<const acc_t*> ptrs(p.KH);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / p.OH, oh = r % p.OH;
-        for (int64_t kh = 0; kh < p.KH; ++kh) {
-          const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
-          if (ih < 0 || ih >= p.H) {
-            ptrs[kh] = zero.data();
-            continue;
-          }
-          const int64_t row_id = n * p.H + ih;
-          if constexpr (kDirect) {
-            ptrs[kh] = x + row_id * rowlen;
-          } else {
-            const int64_t slot = ih % ring;
-            acc_t* dst = cache.data() + slot * rowlen;
-            if (tag[slot] != row_id) {
-              load_row<scalar_t, acc_t>(dst, x + row_id * rowlen, rowlen);
-              tag[slot] = row_id;
-            }
-            ptrs[kh] = dst;
-          }
-        }
-        conv_row_nhwc_dispatch<acc_t>(z.data(), ptrs.data(), cp.w.data(), p, ow_lo, ow_hi);
-        epilogue_nhwc<A, scalar_t, acc_t>(y + r * p.OW * C, z.data(), p.OW, C, cp.scale.data(), cp.shift.data());
-      }
+    for_each_row_nhwc<scalar_t, acc_t>(p, cp, [&](int64_t r, acc_t* z) {
+      epilogue_nhwc<A, scalar_t, acc_t>(y + r * p.OW * p.C, z, p.OW, p.C, cp.scale.data(), cp.shift.data(),
+                                        cp.center.data());
     });
   });
 }
@@ -546,7 +588,7 @@ void fwd_nhwc(const DwConvParams& p, const ChannelParams<acc_t>& cp) {
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kTrain>
 void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* dw_acc, acc_t* ds_acc,
               acc_t* db_acc) {
   const int64_t Hp = p.H + 2 * p.pad_h, Wp = p.W + 2 * p.pad_w, T = p.KH * p.KW, OW = p.OW;
@@ -592,7 +634,9 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
               conv_row_nchw<acc_t>(z.data(), in, Wp, wc, OW, p);
               load_row<scalar_t, acc_t>(g.data(), dyp + seg * OW, OW);
             }
-            bwd_epilogue<A, acc_t>(g.data(), z.data(), L, 1, &cp.scale[c], &cp.shift[c], 0, ss.data(), sb.data());
+            bwd_epilogue<A, kTrain, acc_t>(g.data(), z.data(), L, 1, cp.view(c), 0, ss.data(), sb.data());
+            if (kTrain && flat)  // dz is not 0 on the padded-width garbage columns: clear them
+              for (int64_t oh = 0; oh < p.OH; ++oh) std::fill(g.data() + oh * Wp + OW, g.data() + (oh + 1) * Wp, acc_t(0));
             for (int64_t kh = 0; kh < p.KH; ++kh)
               for (int64_t kw = 0; kw < p.KW; ++kw) {
                 const int64_t off = kh * p.dil_h * Wp + kw * p.dil_w;
@@ -623,7 +667,7 @@ void bwd_nchw(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
   });
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kTrain>
 void bwd_nhwc(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* dw_acc, acc_t* ds_acc,
               acc_t* db_acc) {
   const int64_t Wp = p.W + 2 * p.pad_w, T = p.KH * p.KW, C = p.C, OW = p.OW;
@@ -659,7 +703,7 @@ void bwd_nhwc(const DwConvBwdParams& p, const ChannelParams<acc_t>& cp, acc_t* d
           conv_out_row_nhwc_padded<scalar_t, acc_t>(z.data(), rows, valid, ptrs, zrow.data(), x, p, cp, n, oh);
           acc_t* gr = need_dx ? gz.data() + r * OW * C : g.data();
           load_row<scalar_t, acc_t>(gr, dy + r * OW * C, OW * C);
-          bwd_epilogue<A, acc_t>(gr, z.data(), OW, C, cp.scale.data(), cp.shift.data(), 1, ss.data(), sb.data());
+          bwd_epilogue<A, kTrain, acc_t>(gr, z.data(), OW, C, cp.view(0), 1, ss.data(), sb.data());
           if (need_dw)
             for (int64_t kh = 0; kh < p.KH; ++kh)
               if (valid[kh])
@@ -770,9 +814,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
       const auto cp = channel_params<acc_t>(weight, scale, shift, p.channels_last);
       acc_t* dwp = need_dw ? dw_acc.data_ptr<acc_t>() : nullptr;
       if (p.channels_last) {
-        bwd_nhwc<scalar_t, acc_t>(p, cp, dwp, ds_acc.data_ptr<acc_t>(), db_acc.data_ptr<acc_t>());
+        bwd_nhwc<scalar_t, acc_t, false>(p, cp, dwp, ds_acc.data_ptr<acc_t>(), db_acc.data_ptr<acc_t>());
       } else {
-        bwd_nchw<scalar_t, acc_t>(p, cp, dwp, ds_acc.data_ptr<acc_t>(), db_acc.data_ptr<acc_t>());
+        bwd_nchw<scalar_t, acc_t, false>(p, cp, dwp, ds_acc.data_ptr<acc_t>(), db_acc.data_ptr<acc_t>());
       }
     });
   } else if (need_dx) {
@@ -787,11 +831,241 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_backwar
   return {dx, dw, ds, db};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Training mode (batch-statistics BatchNorm): fastdw::dwconv_bn_act_train and its backward.
+//
+// Forward, two passes over x, nothing written between them (the conv is recomputed, which moves
+// fewer bytes than storing z and reading it back):
+//   1. stats: z per output row (NHWC) or plane (NCHW) in fp32, its per-channel mean and M2 =
+//      sum (z - mean)^2 (two passes over the row in cache), one partial per row / plane; the
+//      partials are merged in a fixed order (Chan et al.'s pairwise formula, in double), so the
+//      result is deterministic and free of the sum / sum-of-squares cancellation.
+//   2. the inference forward's epilogue with center = mean, scale = gamma * invstd, shift = beta:
+//      u = (z - mean) * scale + beta, as BatchNorm computes it (no cancellation when |mean| >> std).
+// Backward, two passes over (x, dy) (pre-activation recomputed):
+//   A. S = sum gu * (z - mean), B = sum gu;  dgamma = invstd * S, dbeta = B
+//   B. dz = scale * gu + lin * (z - mean) + cst, then dx and dweight from dz as in inference, with
+//      lin = (2 * grad_var - gamma * invstd^3 * S) / M,  cst = (grad_mean - gamma * invstd * B) / M.
+
+// Per-channel mean and M2 of one NHWC row z (OW x C) into mean[0..C), m2[0..C).
+template <typename acc_t>
+FASTDW_CLONES void row_stats_nhwc(acc_t* __restrict mean, acc_t* __restrict m2, const acc_t* __restrict z,
+                                  int64_t OW, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
+  for (int64_t ow = 0; ow < OW; ++ow)
+    for (int64_t c = 0; c < C; ++c) mean[c] += z[ow * C + c];
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(OW);
+  for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
+  for (int64_t ow = 0; ow < OW; ++ow)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = z[ow * C + c] - mean[c];
+      m2[c] += d * d;
+    }
+}
+
+// Mean and M2 of one NCHW plane (n values), accumulated in double: planes reach 10^4+ values.
+template <typename acc_t>
+void plane_stats(const acc_t* z, int64_t n, acc_t& mean, acc_t& m2) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += z[i];
+  const double m = s / static_cast<double>(n);
+  double q = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(z[i]) - m;
+    q += d * d;
+  }
+  mean = static_cast<acc_t>(m);
+  m2 = static_cast<acc_t>(q);
+}
+
+// Merges G partials (G, C) of `cnt` values each, in order: mean = avg of the partial means,
+// M2 = sum M2_g + cnt * sum (mean_g - mean)^2; var = M2 / (G * cnt) (biased).
+template <typename acc_t>
+void merge_stats(const acc_t* pm, const acc_t* pq, int64_t G, int64_t C, int64_t cnt, acc_t* mean, acc_t* var) {
+  std::vector<double> m(C, 0.0), q(C, 0.0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) m[c] += pm[g * C + c];
+  for (int64_t c = 0; c < C; ++c) m[c] /= static_cast<double>(G);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = pm[g * C + c] - m[c];
+      q[c] += pq[g * C + c] + static_cast<double>(cnt) * d * d;
+    }
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<acc_t>(m[c]);
+    var[c] = static_cast<acc_t>(q[c] / (static_cast<double>(G) * static_cast<double>(cnt)));
+  }
+}
+
+// Batch mean and biased variance of z = conv(x, w) per channel (M = N*OH*OW > 0).
+template <typename scalar_t, typename acc_t>
+void batch_stats(const DwConvParams& p, const ChannelParams<acc_t>& cp, acc_t* mean, acc_t* var) {
+  if (p.channels_last) {
+    const int64_t R = p.N * p.OH;
+    std::vector<acc_t> pm(R * p.C), pq(R * p.C);
+    for_each_row_nhwc<scalar_t, acc_t>(p, cp, [&](int64_t r, acc_t* z) {
+      row_stats_nhwc<acc_t>(pm.data() + r * p.C, pq.data() + r * p.C, z, p.OW, p.C);
+    });
+    merge_stats<acc_t>(pm.data(), pq.data(), R, p.C, p.OW, mean, var);
+  } else {
+    std::vector<acc_t> pm(p.N * p.C), pq(p.N * p.C);  // (N, C): plane nc = n * C + c
+    for_each_plane_nchw<scalar_t, acc_t>(p, cp, [&](int64_t nc, acc_t* z) {
+      plane_stats<acc_t>(z, p.OH * p.OW, pm[nc], pq[nc]);
+    });
+    merge_stats<acc_t>(pm.data(), pq.data(), p.N, p.C, p.OH * p.OW, mean, var);
+  }
+}
+
+// (C,) vector of acc_t from an optional tensor (absent: dflt).
+template <typename acc_t>
+std::vector<acc_t> channel_vector(const c10::optional<at::Tensor>& t, int64_t C, acc_t dflt) {
+  std::vector<acc_t> v(C, dflt);
+  if (t.has_value() && t->defined()) {
+    const auto tc = t->to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
+    std::copy(tc.template const_data_ptr<acc_t>(), tc.template const_data_ptr<acc_t>() + C, v.begin());
+  }
+  return v;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_train_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, c10::string_view act) {
+  DwConvParams p{};
+  check_train_and_fill(p, x_in, weight, bias, gamma, beta, stride, padding, dilation, eps, std::string(act), true);
+  const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
+  at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, x.options().memory_format(fmt));
+  const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({p.C}, x.options().dtype(stat_dtype));
+  at::Tensor var = at::empty({p.C}, x.options().dtype(stat_dtype));
+  if (out.numel() == 0) {  // no values per channel: the statistics of an empty set
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {out, mean, var};
+  }
+  p.x_ptr = x.const_data_ptr();
+  p.out_ptr = out.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_act_train_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cp = channel_params<acc_t>(weight, c10::nullopt, c10::nullopt, p.channels_last);
+    acc_t* m = mean.data_ptr<acc_t>();
+    acc_t* v = var.data_ptr<acc_t>();
+    batch_stats<scalar_t, acc_t>(p, cp, m, v);
+    const auto g = channel_vector<acc_t>(gamma, p.C, acc_t(1));
+    const auto b = channel_vector<acc_t>(beta, p.C, acc_t(0));
+    const auto cb = channel_vector<acc_t>(bias, p.C, acc_t(0));
+    for (int64_t c = 0; c < p.C; ++c) {
+      const acc_t invstd = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
+      cp.scale[c] = g[c] * invstd;
+      cp.shift[c] = b[c];
+      cp.center[c] = m[c];
+    }
+    if (p.channels_last) {
+      fwd_nhwc<scalar_t, acc_t>(p, cp);
+    } else {
+      fwd_nchw<scalar_t, acc_t>(p, cp);
+    }
+    for (int64_t c = 0; c < p.C; ++c) m[c] += cb[c];  // the mean of conv(x) + bias
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_train_backward_cpu(
+    const at::Tensor& grad_y_in, const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_var,
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, c10::string_view act,
+    std::array<bool, 4> output_mask, bool deterministic) {
+  (void)deterministic;  // the CPU reductions are always deterministic (fixed chunking)
+  DwConvBwdParams p{};
+  check_train_and_fill(p, x_in, weight, c10::nullopt, gamma, beta, stride, padding, dilation, eps, std::string(act),
+                       true);
+  check_grad_out(grad_y_in, x_in, p);
+  check_train_stats(mean, var, grad_mean, grad_var, x_in);
+  const bool has_gamma = gamma.has_value() && gamma->defined(), has_beta = beta.has_value() && beta->defined();
+  const bool need_dx = output_mask[0], need_dw = output_mask[1];
+  const bool need_dg = output_mask[2] && has_gamma, need_db = output_mask[3] && has_beta;
+  const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor dy = grad_y_in.contiguous(fmt);
+  auto empty0 = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
+  at::Tensor dx = need_dx ? at::empty(x.sizes(), x.options().memory_format(fmt)) : empty0(x.options());
+  const bool is_double = x.scalar_type() == at::kDouble;
+  const auto acc_opts = x.options().dtype(is_double ? at::kDouble : at::kFloat);
+  at::Tensor dw_acc = at::zeros({p.C, p.KH * p.KW}, acc_opts);
+  at::Tensor dg_acc = at::zeros({p.C}, acc_opts), db_acc = at::zeros({p.C}, acc_opts);
+  const int64_t M = p.N * p.OH * p.OW;
+  if (M > 0 && p.C > 0) {
+    p.x_ptr = x.const_data_ptr();
+    p.grad_out_ptr = dy.const_data_ptr();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_act_train_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto cp = channel_params<acc_t>(weight, c10::nullopt, c10::nullopt, p.channels_last);
+      const auto g = channel_vector<acc_t>(gamma, p.C, acc_t(1));
+      const auto b = channel_vector<acc_t>(beta, p.C, acc_t(0));
+      const auto mu = channel_vector<acc_t>(mean, p.C, acc_t(0));
+      const auto var_v = channel_vector<acc_t>(var, p.C, acc_t(0));
+      const auto gm = channel_vector<acc_t>(grad_mean, p.C, acc_t(0));
+      const auto gv = channel_vector<acc_t>(grad_var, p.C, acc_t(0));
+      std::vector<acc_t> invstd(p.C);
+      for (int64_t c = 0; c < p.C; ++c) {
+        invstd[c] = acc_t(1) / std::sqrt(var_v[c] + static_cast<acc_t>(eps));
+        cp.scale[c] = g[c] * invstd[c];
+        cp.shift[c] = b[c];
+        cp.center[c] = mu[c];
+      }
+      // Pass A: S = sum gu * (z - mean), B = sum gu
+      std::vector<acc_t> S(p.C), B(p.C);
+      p.grad_x_ptr = nullptr;
+      if (p.channels_last) {
+        bwd_nhwc<scalar_t, acc_t, false>(p, cp, nullptr, S.data(), B.data());
+      } else {
+        bwd_nchw<scalar_t, acc_t, false>(p, cp, nullptr, S.data(), B.data());
+      }
+      acc_t* dgp = dg_acc.data_ptr<acc_t>();
+      acc_t* dbp = db_acc.data_ptr<acc_t>();
+      for (int64_t c = 0; c < p.C; ++c) {
+        dgp[c] = invstd[c] * S[c];
+        dbp[c] = B[c];
+      }
+      // Pass B: dz -> dx, dweight
+      if (need_dx || need_dw) {
+        const acc_t invM = acc_t(1) / static_cast<acc_t>(M);
+        cp.lin.resize(p.C);
+        cp.cst.resize(p.C);
+        for (int64_t c = 0; c < p.C; ++c) {
+          const acc_t is = invstd[c];
+          cp.lin[c] = (acc_t(2) * gv[c] - g[c] * is * is * is * S[c]) * invM;
+          cp.cst[c] = (gm[c] - cp.scale[c] * B[c]) * invM;
+        }
+        p.grad_x_ptr = need_dx ? dx.data_ptr() : nullptr;
+        acc_t* dwp = need_dw ? dw_acc.data_ptr<acc_t>() : nullptr;
+        if (p.channels_last) {
+          bwd_nhwc<scalar_t, acc_t, true>(p, cp, dwp, S.data(), B.data());
+        } else {
+          bwd_nchw<scalar_t, acc_t, true>(p, cp, dwp, S.data(), B.data());
+        }
+      }
+    });
+  } else if (need_dx) {
+    dx.zero_();
+  }
+  at::Tensor dw = need_dw ? dw_acc.view(weight.sizes()).to(weight.scalar_type()) : empty0(weight.options());
+  const auto dg_dtype = has_gamma ? gamma->scalar_type() : at::kFloat;
+  const auto db_dtype = has_beta ? beta->scalar_type() : at::kFloat;
+  at::Tensor dg = need_dg ? dg_acc.to(dg_dtype) : empty0(x.options().dtype(dg_dtype));
+  at::Tensor db = need_db ? db_acc.to(db_dtype) : empty0(x.options().dtype(db_dtype));
+  return {dx, dw, dg, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
   m.impl("dwconv_bn_act", &dwconv_bn_act_cpu);
   m.impl("_dwconv_bn_act_backward", &dwconv_bn_act_backward_cpu);
+  m.impl("dwconv_bn_act_train", &dwconv_bn_act_train_cpu);
+  m.impl("_dwconv_bn_act_train_backward", &dwconv_bn_act_train_backward_cpu);
 }
 
 }  // namespace fastdw

@@ -6,7 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "dwconv_bn_act_gpu_host.h"
+#include "dwconv_bn_act_train_gpu_host.h"
 
 namespace fastdw {
 namespace {
@@ -38,6 +38,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_bwd(
   return bwd_outputs(g, scale, shift);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_train_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& gamma, const c10::optional<at::Tensor>& beta, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, c10::string_view act) {
+  return run_train_fwd(x, weight, bias, gamma, beta, stride, padding, dilation, eps, std::string(act), CpuExec{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_train_bwd(
+    const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_var,
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, c10::string_view act,
+    std::array<bool, 4> output_mask, bool deterministic) {
+  (void)deterministic;
+  return run_train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps,
+                       std::string(act), output_mask, CpuExec{});
+}
+
 // Which forward path the GPU launcher takes for these arguments (for tests of the dispatch).
 std::string emulated_fwd_path(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -56,6 +74,8 @@ TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
   m.impl("_dwconv_bn_act_gpu_emulated", &emulated_fwd);
   m.impl("_dwconv_bn_act_backward_gpu_emulated", &emulated_bwd);
   m.impl("_dwconv_bn_act_gpu_path", &emulated_fwd_path);
+  m.impl("_dwconv_bn_act_train_gpu_emulated", &emulated_train_fwd);
+  m.impl("_dwconv_bn_act_train_backward_gpu_emulated", &emulated_train_bwd);
 }
 
 }  // namespace fastdw

@@ -146,19 +146,16 @@ void schedule_fwd(const GpuFwdPlan& g, Exec&& exec) {
   });
 }
 
-// The launches of the backward, in order (each depends on the previous through memory only).
+// The launches of the backward after gu (dx, the weight / scale / shift reductions), in order;
+// each depends on the previous through memory only. g.gu holds the gradient of the conv output
+// divided by scale (inference) or, with scale = 1, the gradient itself (training).
 template <typename Exec>
-void schedule_bwd(GpuBwdPlan& g, Exec&& exec) {
+void schedule_bwd_rest(GpuBwdPlan& g, Exec&& exec) {
   const DwConvParams& p = g.f.args.p;
   kern::FinishArgs fin{g.b, g.need_dw ? g.dw.data_ptr() : nullptr, g.need_ds ? g.ds.data_ptr<float>() : nullptr,
                        g.need_db ? g.db.data_ptr<float>() : nullptr};
   gpu_dtype_switch(g.f.x.scalar_type(), [&](auto s) {
     using scalar_t = decltype(s);
-    if (g.n_out > 0) {
-      act_switch(p.act, [&](auto a) { exec(kern::BwdGu<scalar_t, decltype(a)::value>{}, g.b, g.n_out); });
-    } else {
-      g.gu.zero_();
-    }
     if (g.need_dx) {
       if (g.n_out > 0) {
         exec(kern::BwdDx<scalar_t>{}, g.b, g.n_in);
@@ -173,6 +170,21 @@ void schedule_bwd(GpuBwdPlan& g, Exec&& exec) {
       exec(kern::BwdFinish<decltype(w)>{}, fin, p.C);
     });
   }
+}
+
+// The launches of the backward, in order: gu, then the rest.
+template <typename Exec>
+void schedule_bwd(GpuBwdPlan& g, Exec&& exec) {
+  const DwConvParams& p = g.f.args.p;
+  gpu_dtype_switch(g.f.x.scalar_type(), [&](auto s) {
+    using scalar_t = decltype(s);
+    if (g.n_out > 0) {
+      act_switch(p.act, [&](auto a) { exec(kern::BwdGu<scalar_t, decltype(a)::value>{}, g.b, g.n_out); });
+    } else {
+      g.gu.zero_();
+    }
+  });
+  schedule_bwd_rest(g, exec);
 }
 
 }  // namespace fastdw

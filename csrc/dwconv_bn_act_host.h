@@ -125,4 +125,28 @@ inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, cons
                     x.device(), "); got ", grad_out.device());
 }
 
+// The training op (fastdw::dwconv_bn_act_train): the conv checks of check_and_fill, plus the
+// per-channel tensors of BatchNorm (conv bias, gamma, beta: (C,), fp32 or x's dtype) and eps.
+inline void check_train_and_fill(DwConvParams& p, const at::Tensor& x, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gamma,
+                                 const c10::optional<at::Tensor>& beta, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
+                                 const std::string& act, bool allow_double) {
+  check_and_fill(p, x, weight, c10::nullopt, c10::nullopt, stride, padding, dilation, act, allow_double);
+  check_vector_param(bias, "bias", x);
+  check_vector_param(gamma, "gamma", x);
+  check_vector_param(beta, "beta", x);
+  TORCH_CHECK_VALUE(eps >= 0, "fastdw: eps must be >= 0; got ", eps);
+}
+
+// The batch statistics handed to the training backward (what the forward returned, the mean
+// without the conv bias) and the gradients of the forward's mean / var outputs: (C,) each.
+inline void check_train_stats(const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& grad_mean,
+                              const c10::optional<at::Tensor>& grad_var, const at::Tensor& x) {
+  check_vector_param(mean, "mean", x);
+  check_vector_param(var, "var", x);
+  check_vector_param(grad_mean, "grad_mean", x);
+  check_vector_param(grad_var, "grad_var", x);
+}
+
 }  // namespace fastdw

@@ -7,7 +7,7 @@
 // Bodies use no shared memory, barriers or atomics, which is what makes that emulation exact.
 //
 // Math: z = sum_{kh,kw} x[n, c, oh*sh-ph+kh*dh, ow*sw-pw+kw*dw] * w[c, kh, kw] (fp32)
-//       y = act(z * scale[c] + shift[c])
+//       y = act(z * scale[c] + shift[c])   ((z - center[c]) * scale + shift in training mode)
 // Backward (the pre-activation is recomputed, never saved):
 //       gu = dy * act'(u)                 (kernel 1, one fp32 value per output element)
 //       dx = sum_taps gu * scale[c] * w   (kernel 2, gather form: each thread one dx element)
@@ -32,6 +32,13 @@ struct Args {
   const float* wt;     // (KH*KW, C): weights transposed so the channel index is contiguous
   const float* scale;  // (C,), 1 when absent
   const float* shift;  // (C,), 0 when absent
+  // Training mode only, nullptr otherwise: the batch mean of z (the forward then computes
+  // u = (z - center) * scale + shift, BatchNorm's order: folding the mean into the shift would
+  // cancel digits when |mean| >> std) and the coefficients of dz = scale * gu + lin * (z - center)
+  // + cst in the backward (dwconv_bn_act_train_kernels.h).
+  const float* center = nullptr;
+  const float* lin = nullptr;
+  const float* cst = nullptr;
 };
 
 struct BwdArgs {
@@ -95,7 +102,8 @@ FASTDW_HD void fwd_general(const Args& a, int64_t i) {
   decode(p.channels_last, i, p.C, p.OH, p.OW, n, c, oh, ow);
   const auto* x = static_cast<const scalar_t*>(p.x_ptr);
   const float z = conv_at<scalar_t>(a, x, n, c, oh, ow);
-  static_cast<scalar_t*>(p.out_ptr)[i] = static_cast<scalar_t>(act_fwd<A>(z * a.scale[c] + a.shift[c]));
+  const float zc = a.center != nullptr ? z - a.center[c] : z;
+  static_cast<scalar_t*>(p.out_ptr)[i] = static_cast<scalar_t>(act_fwd<A>(zc * a.scale[c] + a.shift[c]));
 }
 
 // 16-byte packs: kVec elements of scalar_t moved by one 128-bit load / store.
@@ -141,16 +149,17 @@ FASTDW_HD void fwd_nhwc_vec(const Args& a, int64_t i) {
       }
     }
   }
-  float sc[V], sh[V];
+  float sc[V], sh[V], ce[V];
   for (int v = 0; v < V; ++v) {
     sc[v] = a.scale[c0 + v];
+    ce[v] = a.center != nullptr ? a.center[c0 + v] : 0.f;
     sh[v] = a.shift[c0 + v];
   }
   auto* y = static_cast<scalar_t*>(p.out_ptr) + (row * p.OW + ow0) * p.C + c0;
   for (int t = 0; t < kTileW; ++t) {
     if (ow0 + t >= p.OW) break;
     P out;
-    for (int v = 0; v < V; ++v) out.v[v] = static_cast<scalar_t>(act_fwd<A>(acc[t][v] * sc[v] + sh[v]));
+    for (int v = 0; v < V; ++v) out.v[v] = static_cast<scalar_t>(act_fwd<A>((acc[t][v] - ce[v]) * sc[v] + sh[v]));
     *reinterpret_cast<P*>(y + t * p.C) = out;
   }
 }

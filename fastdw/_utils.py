@@ -94,16 +94,7 @@ def check_args(
                       lambda: f"fastdw: weight must be float32 or x's dtype ({x.dtype}); got {weight.dtype}")
     torch._check_value(weight.device == x.device, lambda: f"fastdw: weight must be on the same device as x "
                                                         f"({x.device}); got {weight.device}")
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        torch._check_value(t.dim() == 1 and t.shape[0] == C,
-                           lambda: f"fastdw: {name} must be a 1-D tensor of C = {C} elements (one per channel); "
-                                   f"got shape {list(t.shape)}")
-        torch._check_type(t.dtype in (torch.float32, x.dtype),
-                          lambda: f"fastdw: {name} must be float32 or x's dtype ({x.dtype}); got {t.dtype}")
-        torch._check_value(t.device == x.device, lambda: f"fastdw: {name} must be on the same device as x "
-                                                       f"({x.device}); got {t.device}")
+    check_channel_vectors(x, scale=scale, shift=shift)
     for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         torch._check_value(len(v) == 2, lambda: f"fastdw: {name} must have 2 elements (h, w); got {list(v)}")
         torch._check_value(v[0] >= lo and v[1] >= lo, lambda: f"fastdw: {name} must be >= {lo}; got {list(v)}")
@@ -117,6 +108,36 @@ def check_args(
     )
     return (conv_out_size(H, kh, stride[0], padding[0], dilation[0]),
             conv_out_size(W, kw, stride[1], padding[1], dilation[1]))
+
+
+def check_channel_vectors(x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """Per-channel tensors (scale, shift, bias, gamma, beta, ...): None, or (C,) in float32 or x's
+    dtype on x's device. Messages match check_vector_param in csrc/dwconv_bn_act_host.h."""
+    C = x.shape[1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        torch._check_value(t.dim() == 1 and t.shape[0] == C,
+                           lambda: f"fastdw: {name} must be a 1-D tensor of C = {C} elements (one per channel); "
+                                   f"got shape {list(t.shape)}")
+        torch._check_type(t.dtype in (torch.float32, x.dtype),
+                          lambda: f"fastdw: {name} must be float32 or x's dtype ({x.dtype}); got {t.dtype}")
+        torch._check_value(t.device == x.device, lambda: f"fastdw: {name} must be on the same device as x "
+                                                       f"({x.device}); got {t.device}")
+
+
+def check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act) -> Tuple[int, int]:
+    """Validate a dwconv_bn_act_train call as csrc/dwconv_bn_act_host.h (check_train_and_fill) does;
+    return (OH, OW)."""
+    oh_ow = check_args(x, weight, None, None, stride, padding, dilation, act)
+    check_channel_vectors(x, bias=bias, gamma=gamma, beta=beta)
+    torch._check_value(eps >= 0, lambda: f"fastdw: eps must be >= 0; got {eps}")
+    return oh_ow
+
+
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the batch mean / variance of the training op: float32 (float64 for float64 x)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def deterministic_requested() -> bool:

@@ -2,9 +2,10 @@
 
 `DWConvBNAct2d` computes `act(bn(conv2d(x, weight, groups=C)))`. With BatchNorm running
 statistics (eval) the BN is folded into a per-channel (scale, shift) and the whole block is one
-call to `fastdw.dwconv_bn_act`. With batch statistics (training) the fused op runs the conv, then
-the stock BatchNorm forward and activation follow, so every BatchNorm detail (momentum,
-cumulative averaging, num_batches_tracked) is exactly PyTorch's.
+call to `fastdw.dwconv_bn_act`. With batch statistics (training, or no running statistics) it is
+one call to `fastdw.dwconv_bn_act_train`, and the module updates the running statistics from the
+returned batch mean and variance as `nn.BatchNorm2d` does (momentum, cumulative averaging with
+momentum=None, unbiased variance, num_batches_tracked, track_running_stats=False).
 """
 
 import math
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
+
+from ._utils import conv_out_size
 
 __all__ = ["fold_bn", "activation_kind", "FoldedBatchNorm2d", "DWConvBNAct2d"]
 
@@ -250,17 +253,10 @@ class DWConvBNAct2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .ops import dwconv_bn_act
 
+        x = _autocast_input(x)
         bn = self.bn
         if bn.training or bn.running_mean is None or bn.running_var is None:
-            z = dwconv_bn_act(
-                x, self.weight, None, self.bias,
-                stride=self.stride, padding=self.padding, dilation=self.dilation,
-                act="none", backend=self.backend,
-            )
-            # Called on the class: a FoldedBatchNorm2d's own forward is the identity.
-            z = _BatchNorm.forward(bn, z)
-            fn = _ACT_FN[self.act]
-            return z if fn is None else fn(z)
+            return self._forward_batch_stats(x, bn)
         scale, shift = self._folded(bn)
         if scale.dtype != x.dtype and scale.dtype != torch.float32:  # fp64 BN, lower-precision x
             scale, shift = scale.float(), shift.float()
@@ -269,6 +265,40 @@ class DWConvBNAct2d(nn.Module):
             stride=self.stride, padding=self.padding, dilation=self.dilation,
             act=self.act, backend=self.backend,
         )
+
+    def _forward_batch_stats(self, x: torch.Tensor, bn: _BatchNorm) -> torch.Tensor:
+        """BatchNorm with batch statistics through the fused training op, and the running
+        statistics updated from its (mean, var) exactly as `_BatchNorm.forward` does."""
+        from .ops import dwconv_bn_act_train
+
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        update = bn.training and bn.track_running_stats and bn.running_mean is not None
+        N, C = x.shape[0], x.shape[1]
+        oh = conv_out_size(x.shape[2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
+        ow = conv_out_size(x.shape[3], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1])
+        count = N * oh * ow
+        if count == 1:  # what F.batch_norm says, about the BatchNorm's input (the conv output)
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size([N, C, oh, ow])}")
+        gamma, beta, bias = bn.weight, bn.bias, self.bias
+        lowp = (gamma, beta, bias)
+        if any(t is not None and t.dtype not in (torch.float32, x.dtype) for t in lowp):  # fp64 BN, fp32 x
+            gamma, beta, bias = (None if t is None else t.float() for t in lowp)
+        y, mean, var = dwconv_bn_act_train(
+            x, self.weight, bias, gamma, beta,
+            stride=self.stride, padding=self.padding, dilation=self.dilation,
+            eps=bn.eps, act=self.act, backend=self.backend,
+        )
+        if update and count > 0:
+            with torch.no_grad():
+                rm, rv = bn.running_mean, bn.running_var
+                unbiased = var * (count / (count - 1))
+                rm.copy_(factor * mean + (1.0 - factor) * rm)
+                rv.copy_(factor * unbiased + (1.0 - factor) * rv)
+        return y
 
     def extra_repr(self) -> str:
         s = (
@@ -280,6 +310,15 @@ class DWConvBNAct2d(nn.Module):
         if "bn" in self.__dict__:
             s += ", bn=<folded in parent slot>"
         return s
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, a float32 input is cast to the autocast dtype, as autocast does for the
+    conv2d this layer replaces (weight and BatchNorm parameters stay float32: the op takes them)."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
 
 
 def conv_config(conv: nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -20,12 +20,15 @@ from ._utils import (
     BACKENDS,
     IntOrPair,
     check_args,
+    check_channel_vectors,
+    check_train_args,
     deterministic_requested,
     output_memory_format,
     pair,
+    stat_dtype,
 )
 
-__all__ = ["dwconv_bn_act", "available_backends", "resolve_backend"]
+__all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "available_backends", "resolve_backend"]
 
 
 def _has_ops() -> bool:
@@ -104,6 +107,57 @@ def no_setup_context(ctx, inputs, output):
     pass
 
 
+# The training op (batch-statistics BatchNorm): (y, mean + bias, var) and its backward.
+
+def fake_train_forward(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
+    oh, ow = check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    C = x.shape[1]
+    y = torch.empty((x.shape[0], C, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    sd = stat_dtype(x)
+    return y, torch.empty((C,), dtype=sd, device=x.device), torch.empty((C,), dtype=sd, device=x.device)
+
+
+def fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation,
+                        eps, act, output_mask, deterministic):
+    check_train_args(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)
+    check_channel_vectors(x, mean=mean, var=var, grad_mean=grad_mean, grad_var=grad_var)
+    dx, dw, dg, db = fake_backward(grad_y, x, weight, gamma, beta, stride, padding, dilation, "none", output_mask,
+                                   deterministic)
+    return dx, dw, dg, db
+
+
+def setup_train_context(ctx, inputs, output):
+    """Saves x, the parameters and the batch statistics (the backward recomputes z)."""
+    x, weight, bias, gamma, beta, stride, padding, dilation, eps, act = inputs
+    _, mean, var = output
+    ctx.conf = (stride, padding, dilation, eps, act)
+    ctx.save_for_backward(x, weight, bias, gamma, beta, mean, var)
+
+
+def make_train_backward(bwd_op):
+    """Autograd backward of a training forward op whose backward op is `bwd_op`. The gradient of
+    the conv bias is the mean output's gradient (BatchNorm cancels the bias in y)."""
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        x, weight, bias, gamma, beta, mean, var = ctx.saved_tensors
+        stride, padding, dilation, eps, act = ctx.conf
+        need = ctx.needs_input_grad
+        dbias = None
+        if need[2] and bias is not None:
+            dbias = grad_mean.to(bias.dtype) if grad_mean is not None else torch.zeros_like(bias)
+        mask = [need[0], need[1], need[3] and gamma is not None, need[4] and beta is not None]
+        if not any(mask):
+            return None, None, dbias, None, None, None, None, None, None, None
+        if grad_y is None:  # only mean / var were used
+            y = fake_train_forward(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)[0]
+            grad_y = torch.zeros_like(y)
+        center = mean - bias.to(mean.dtype) if bias is not None else mean
+        dx, dw, dg, db = bwd_op(grad_y, grad_mean, grad_var, x, weight, gamma, beta, center, var, stride, padding,
+                                dilation, eps, act, mask, deterministic_requested())
+        return (dx if mask[0] else None, dw if mask[1] else None, dbias, dg if mask[2] else None,
+                db if mask[3] else None, None, None, None, None, None)
+    return backward
+
+
 if HAS_OPS:
     _fwd_op = torch.ops.fastdw.dwconv_bn_act.default
     _bwd_op = torch.ops.fastdw._dwconv_bn_act_backward.default
@@ -113,6 +167,15 @@ if HAS_OPS:
     torch.library.register_autograd("fastdw::dwconv_bn_act", make_backward(lambda *a: _bwd_op(*a)),
                                     setup_context=setup_context)
     torch.library.register_autograd("fastdw::_dwconv_bn_act_backward", double_backward,
+                                    setup_context=no_setup_context)
+    _train_op = torch.ops.fastdw.dwconv_bn_act_train.default
+    _train_bwd_op = torch.ops.fastdw._dwconv_bn_act_train_backward.default
+    torch.library.register_fake("fastdw::dwconv_bn_act_train", fake_train_forward)
+    torch.library.register_fake("fastdw::_dwconv_bn_act_train_backward", fake_train_backward)
+    torch.library.register_autograd("fastdw::dwconv_bn_act_train",
+                                    make_train_backward(lambda *a: _train_bwd_op(*a)),
+                                    setup_context=setup_train_context)
+    torch.library.register_autograd("fastdw::_dwconv_bn_act_train_backward", double_backward,
                                     setup_context=no_setup_context)
 
 
@@ -309,20 +372,72 @@ def dwconv_bn_act(
         (N, C, OH, OW) in x's dtype, channels_last when x is channels_last (else contiguous),
         accumulated in fp32. Differentiable in x, weight, scale and shift.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("fastdw: x and weight must be tensors")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"fastdw: act must be one of 'none', 'relu', 'relu6', 'hardswish', 'silu'; got {act!r}")
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    for name, t in (("weight", weight), ("scale", scale), ("shift", shift)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fastdw: {name} must be on the same device as x ({x.device}); got {t.device}")
-    b = resolve_backend(backend, x.device)
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
+    stride, padding, dilation, b, x = _prepare(x, weight, act, stride, padding, dilation, backend,
+                                               weight=weight, scale=scale, shift=shift)
     if b == "triton":
         return torch.ops.fastdw.dwconv_bn_act_triton(x, weight, scale, shift, list(stride), list(padding),
                                                      list(dilation), act)
     if not HAS_OPS:
         raise _missing_ext_error()
     return _fwd_op(x, weight, scale, shift, stride, padding, dilation, act)
+
+
+def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
+    """What both public functions do before calling an op: type and device checks the ops cannot
+    make (they dispatch on x), (h, w) pairs, the backend, and x made contiguous when it is in
+    neither supported layout."""
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise TypeError("fastdw: x and weight must be tensors")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fastdw: act must be one of 'none', 'relu', 'relu6', 'hardswish', 'silu'; got {act!r}")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fastdw: {name} must be on the same device as x ({x.device}); got {t.device}")
+    b = resolve_backend(backend, x.device)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    return stride, padding, dilation, b, x
+
+
+def dwconv_bn_act_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    gamma: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    eps: float = 1e-5,
+    act: str = "relu6",
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused depthwise conv + training-mode (batch-statistics) BatchNorm + activation.
+
+    z = conv2d(x, weight, stride, padding, dilation, groups=C)
+    y = act((z - mean[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c])
+    with mean and var the batch mean and biased variance of z over (N, OH, OW).
+
+    Args:
+        x, weight, stride, padding, dilation, act, backend: as in `dwconv_bn_act`.
+        bias: optional (C,) conv bias. It cancels in y and only shifts the returned mean.
+        gamma, beta: optional (C,) BatchNorm affine parameters, float32 or x's dtype (None: 1, 0).
+        eps: BatchNorm's eps (>= 0).
+
+    Returns:
+        (y, mean, var): y as in `dwconv_bn_act` (x's dtype and layout); mean = batch mean of
+        conv(x) + bias and var = biased batch variance, each (C,) float32 (float64 for float64 x);
+        NaN when the batch is empty. The running statistics are not touched: `DWConvBNAct2d`
+        updates them from (mean, var) exactly as `nn.BatchNorm2d` does. Differentiable in x,
+        weight, bias, gamma, beta through all three outputs.
+    """
+    stride, padding, dilation, b, x = _prepare(x, weight, act, stride, padding, dilation, backend,
+                                               weight=weight, bias=bias, gamma=gamma, beta=beta)
+    eps = float(eps)
+    if b == "triton":
+        return torch.ops.fastdw.dwconv_bn_act_train_triton(x, weight, bias, gamma, beta, list(stride),
+                                                           list(padding), list(dilation), eps, act)
+    if not HAS_OPS:
+        raise _missing_ext_error()
+    return _train_op(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)

@@ -65,3 +65,35 @@ def fold_bn_ref(running_mean, running_var, gamma, beta, eps, conv_bias=None):
     b = conv_bias.float() if conv_bias is not None else 0.0
     shift = (beta.float() if beta is not None else 0.0) + (b - running_mean.float()) * scale
     return scale, shift
+
+
+def dwconv_bn_act_train_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    gamma: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    eps: float = 1e-5,
+    act: str = "relu6",
+    compute_dtype: Optional[torch.dtype] = torch.float32,
+):
+    """Reference of the training op: (y, mean, var) with y = act(batch_norm(conv2d(x, w) + bias))
+    using the batch mean and biased variance over (N, OH, OW), all in `compute_dtype` (fp32 by
+    default; fp64 inputs stay fp64). Differentiable through all three outputs."""
+    cd = x.dtype if compute_dtype is None else compute_dtype
+    if x.dtype == torch.float64:
+        cd = torch.float64
+    C = x.shape[1]
+    z = F.conv2d(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd), pair(stride, "stride"),
+                 pair(padding, "padding"), pair(dilation, "dilation"), groups=C)
+    mean = z.mean(dim=(0, 2, 3))
+    var = z.var(dim=(0, 2, 3), unbiased=False)
+    u = (z - mean.view(1, C, 1, 1)) * torch.rsqrt(var + eps).view(1, C, 1, 1)
+    if gamma is not None:
+        u = u * gamma.to(cd).view(1, C, 1, 1)
+    if beta is not None:
+        u = u + beta.to(cd).view(1, C, 1, 1)
+    return activation(u, act), mean, var

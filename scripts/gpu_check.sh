@@ -55,14 +55,17 @@ fi
 
 if want sanitizer; then
 stamp "compute-sanitizer memcheck + racecheck (small selection)"
-SEL="tests/test_dwconv_bn_act.py"
-KSEL="cuda and ((forward_grid and fp16 and channels_last) or (backward_grid and fp32))"
+# (test file, -k expression): the inference op, then the training op
+SELS=("tests/test_dwconv_bn_act.py|cuda and ((forward_grid and fp16 and channels_last) or (backward_grid and fp32))"
+      "tests/test_train.py|gpu_matches_reference and cuda and ((fp16 and channels_last) or (fp32 and contiguous))")
 {
   for tool in memcheck racecheck; do
-    echo "== $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 9 $PY -m pytest "$SEL" -q -p no:cacheprovider -x \
-      -k "$KSEL" --maxfail=1 2>&1 | tail -15
-    echo "rc=${PIPESTATUS[0]}"
+    for sel in "${SELS[@]}"; do
+      echo "== $tool ${sel%%|*}"
+      compute-sanitizer --tool "$tool" --error-exitcode 9 $PY -m pytest "${sel%%|*}" -q -p no:cacheprovider -x \
+        -k "${sel#*|}" --maxfail=1 2>&1 | tail -15
+      echo "rc=${PIPESTATUS[0]}"
+    done
   done
 } > "$OUT/sanitizer.log" 2>&1
 grep -E "^== |^rc=|ERROR SUMMARY" "$OUT/sanitizer.log"

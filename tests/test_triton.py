@@ -309,11 +309,13 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_converted_block(device):
+def test_compile_converted_block(device, train):
     """torch.compile(fullgraph=True) of a converted InvertedResidual on the Triton backend: equal
     to eager, forward and backward (on a GPU Inductor schedules the Triton kernels; under the
-    interpreter the op is opaque)."""
+    interpreter the op is opaque). train: the training op, and the running statistics advance
+    the same under compile."""
     tv = pytest.importorskip("torchvision")
     from torchvision.models.mobilenetv2 import InvertedResidual
 
@@ -323,14 +325,20 @@ def test_compile_converted_block(device):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
+    blk.train(train)
     fused = fastdw.convert(copy.deepcopy(blk), backend="triton")
     assert sum(isinstance(m, fastdw.DWConvBNAct2d) for m in fused.modules()) == 1
-    x = torch.randn(1, 8, 6, 6, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6, device=device).to(memory_format=torch.channels_last)
     del tv
+    compiled_copy = copy.deepcopy(fused)  # each copy sees x once: the same running statistics after
     ref = blk(x)
     eager = fused(x)
-    comp = torch.compile(fused, fullgraph=True)
+    comp = torch.compile(compiled_copy, fullgraph=True)
     out = comp(x)
+    if train:
+        for (n, b_e), (_, b_c) in zip(fused.named_buffers(), compiled_copy.named_buffers()):
+            if b_e.is_floating_point():
+                torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=n)
     torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     xg = x.clone().requires_grad_(True)
@@ -378,4 +386,6 @@ def test_kernels_compile_for_sm80_sm90():
     r = subprocess.run([sys.executable, str(root / "scripts" / "triton_compile_check.py"), "--smoke"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
-    assert "0 failures" in r.stdout and "12 kernel variants compiled" in r.stdout, r.stdout[-2000:]
+    # per call and arch: forward, gu, dx (inference); statistics, centred forward, gu sums, gu dz
+    # (training; its dx is the inference one)
+    assert "0 failures" in r.stdout and "28 kernel variants compiled" in r.stdout, r.stdout[-2000:]

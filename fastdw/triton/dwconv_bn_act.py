@@ -43,10 +43,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._utils import ACTIVATIONS, check_args, output_memory_format
-from ..ops import double_backward, fake_backward, fake_forward, make_backward, no_setup_context, setup_context
+from .._utils import ACTIVATIONS, check_args, check_channel_vectors, check_train_args, output_memory_format
+from ..ops import (
+    double_backward,
+    fake_backward,
+    fake_forward,
+    fake_train_backward,
+    fake_train_forward,
+    make_backward,
+    make_train_backward,
+    no_setup_context,
+    setup_context,
+    setup_train_context,
+)
 
-__all__ = ["dwconv_bn_act_triton", "dwconv_bn_act_fwd", "dwconv_bn_act_bwd", "INTERPRET", "OP_KIND"]
+__all__ = ["dwconv_bn_act_triton", "dwconv_bn_act_fwd", "dwconv_bn_act_bwd", "dwconv_bn_act_train_fwd",
+           "dwconv_bn_act_train_bwd", "INTERPRET", "OP_KIND"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 OP_KIND = "custom_op (interpreter)" if INTERPRET else "triton_op"
@@ -145,23 +157,26 @@ def _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw,
 
 @triton.jit(do_not_specialize=["ACT", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
 def _dwconv_fwd_kernel(
-    X, Wt, S, B, Y,
+    X, Wt, S, B, CEN, Y,
     C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     PH, PW, DH, DW,
     ACT, C_BUCKET, HW_BUCKET,  # C_BUCKET, HW_BUCKET: autotune key only
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program: one tile of BLOCK_H x BLOCK_W output pixels x BLOCK_C channels of one image.
-    1-D grid, channel block fastest: (tiles, channel blocks) = (pid // CB, pid % CB)."""
+    1-D grid, channel block fastest: (tiles, channel blocks) = (pid // CB, pid % CB).
+    HAS_CENTER (training mode): u = (conv - CEN) * scale + shift, BatchNorm's order of operations."""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     tile, c, cm = _program_coords(C, BLOCK_C)
     n, oh, ow = _tile_coords(tile, OH, OW, BLOCK_H, BLOCK_W)
     pm = (oh < OH) & (ow < OW)
     acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
                      KH, KW, BLOCK_P, BLOCK_C)
+    if HAS_CENTER:
+        acc = acc - tl.load(CEN + c, mask=cm, other=0.0)[None, :]
     if HAS_SCALE:
         acc = acc * tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
@@ -177,20 +192,29 @@ def _dwconv_bwd_gu_kernel(
     N, C, H, W, OH, OW, NSPLIT,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, sgn, sgc, sgh, sgw,
     PH, PW, DH, DW,
+    CEN, LIN, CST,
     ACT, C_BUCKET, HW_BUCKET,
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_GC: tl.constexpr, NEED_RED: tl.constexpr,
+    TRAIN: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (split s, channel block): every NSPLIT-th output tile from s on. Recomputes
     u = conv(x)*scale + shift, g = act'(u)*dy; stores gc = g*scale (fp32); writes
-    PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift)."""
+    PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift).
+    TRAIN (batch-statistics BatchNorm): conv is centred on the batch mean CEN (u = (conv - CEN) *
+    scale + shift, and the dscale sum is of g*(conv - CEN)), and gc = g*scale + LIN*(conv - CEN) +
+    CST, the gradient of z through the batch statistics."""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     s, c, cm = _program_coords(C, BLOCK_C)
     if HAS_SCALE:
         sc = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         sh = tl.load(B + c, mask=cm, other=0.0).to(tl.float32)
+    if TRAIN:
+        cen = tl.load(CEN + c, mask=cm, other=0.0)
+        lin = tl.load(LIN + c, mask=cm, other=0.0)
+        cst = tl.load(CST + c, mask=cm, other=0.0)
     ds = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     ntiles = N * tl.cdiv(OH, BLOCK_H) * tl.cdiv(OW, BLOCK_W)
@@ -200,7 +224,11 @@ def _dwconv_bwd_gu_kernel(
         m = pm[:, None] & cm[None, :]
         acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
                          KH, KW, BLOCK_P, BLOCK_C)
-        u = acc
+        if TRAIN:
+            zc = acc - cen[None, :]
+        else:
+            zc = acc
+        u = zc
         if HAS_SCALE:
             u = u * sc[None, :]
         if HAS_SHIFT:
@@ -209,12 +237,14 @@ def _dwconv_bwd_gu_kernel(
                      mask=m, other=0.0).to(tl.float32)
         g = tl.where(m, _act_bwd(u, dy, ACT), 0.0)
         if NEED_RED:
-            ds += tl.sum(g * acc, axis=0)
+            ds += tl.sum(g * zc, axis=0)
             db += tl.sum(g, axis=0)
         if STORE_GC:
             gc = g
             if HAS_SCALE:
                 gc = g * sc[None, :]
+            if TRAIN:
+                gc = gc + (lin[None, :] * zc + cst[None, :])
             tl.store(GC + n.to(tl.int64) * sgn + (oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], gc, mask=m)
     if NEED_RED:
         tl.store(PART + (s * 2) * C + c, ds, mask=cm)
@@ -277,6 +307,45 @@ def _dwconv_bwd_dx_kernel(
                  mask=(taps[:, None] < KH * KW) & cm[None, :])
 
 
+@triton.jit(do_not_specialize=["C_BUCKET", "HW_BUCKET"])
+def _dwconv_train_stats_kernel(
+    X, Wt, PART,
+    N, C, H, W, OH, OW, NSPLIT,
+    sxn, sxc, sxh, sxw,
+    PH, PW, DH, DW,
+    C_BUCKET, HW_BUCKET,
+    SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (split s, channel block): every NSPLIT-th output tile from s on. Per tile, the
+    count, mean and M2 = sum (z - mean)^2 of z = conv(x) (two passes over the tile in registers),
+    merged into the program's running (n, mean, M2) by Chan et al.'s formula; writes
+    PART[s, 0..2, c] = (n, mean, M2). No sum / sum-of-squares cancellation."""
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    s, c, cm = _program_coords(C, BLOCK_C)
+    cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ntiles = N * tl.cdiv(OH, BLOCK_H) * tl.cdiv(OW, BLOCK_W)
+    for t in range(s, ntiles, NSPLIT):
+        n, oh, ow = _tile_coords(t, OH, OW, BLOCK_H, BLOCK_W)
+        pm = (oh < OH) & (ow < OW)
+        acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                         KH, KW, BLOCK_P, BLOCK_C)
+        nb = tl.sum(pm.to(tl.float32), axis=0)  # >= 1: every tile holds an output position
+        mb = tl.sum(tl.where(pm[:, None], acc, 0.0), axis=0) / nb
+        d = tl.where(pm[:, None], acc - mb[None, :], 0.0)
+        qb = tl.sum(d * d, axis=0)
+        tot = cnt + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + qb + delta * delta * (cnt * nb / tot)
+        cnt = tot
+    tl.store(PART + (s * 3) * C + c, cnt, mask=cm)
+    tl.store(PART + (s * 3 + 1) * C + c, mean, mask=cm)
+    tl.store(PART + (s * 3 + 2) * C + c, m2, mask=cm)
+
+
 # ------------------------------------------------------------------------------------------
 # Configs and autotuning. Keys: channel and spatial size buckets, stride, kernel size (and, added
 # by Triton, the tensors' dtypes) -- what changes the best tile, nothing that varies per call.
@@ -313,6 +382,7 @@ def _tuned(kernel, channels_last: bool):
 _FWD = {cl: _tuned(_dwconv_fwd_kernel, cl) for cl in (True, False)}
 _BWD_GU = {cl: _tuned(_dwconv_bwd_gu_kernel, cl) for cl in (True, False)}
 _BWD_DX = {cl: _tuned(_dwconv_bwd_dx_kernel, cl) for cl in (True, False)}
+_TRAIN_STATS = {cl: _tuned(_dwconv_train_stats_kernel, cl) for cl in (True, False)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,6 +434,17 @@ def _check_triton_limits(x):
                                f"{list(x.shape)}")
 
 
+def _check_bwd(grad_out, x, OH, OW, output_mask):
+    """The backward ops' own arguments: grad_out of the output's shape and x's dtype, 4 mask bits."""
+    N, C = x.shape[0], x.shape[1]
+    torch._check_value(len(output_mask) == 4, lambda: f"fastdw: output_mask must have 4 entries; got {output_mask}")
+    torch._check_value(tuple(grad_out.shape) == (N, C, OH, OW),
+                       lambda: f"fastdw: grad_out must have the output's shape {[N, C, OH, OW]}; got "
+                               f"{list(grad_out.shape)}")
+    torch._check_type(grad_out.dtype == x.dtype,
+                      lambda: f"fastdw: grad_out must have x's dtype {x.dtype}; got {grad_out.dtype}")
+
+
 def _common(x, weight, scale, shift, stride, padding, dilation, act):
     N, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
@@ -375,7 +456,13 @@ def _common(x, weight, scale, shift, stride, padding, dilation, act):
 
 def dwconv_bn_act_fwd(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                       stride: List[int], padding: List[int], dilation: List[int], act: str) -> Tensor:
-    """Forward launcher (the body of fastdw::dwconv_bn_act_triton)."""
+    """Forward launcher (the body of fastdw::dwconv_bn_act_triton; its annotations are the
+    op's schema)."""
+    return _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act)
+
+
+def _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, center=None):
+    """The forward kernel; `center` (fp32 (C,), training mode): u = (conv - center) * scale + shift."""
     OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
     N, C = x.shape[0], x.shape[1]
     y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
@@ -388,15 +475,70 @@ def dwconv_bn_act_fwd(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift:
                 * triton.cdiv(C, meta["BLOCK_C"]),)
 
     _launch(_FWD[k["cl"]])[grid](
-        x, k["wt"], k["s"], k["b"], y,
+        x, k["wt"], k["s"], k["b"], center if center is not None else k["wt"], y,
         C, k["H"], k["W"], OH, OW,
         *x.stride(), *y.stride(),
         padding[0], padding[1], dilation[0], dilation[1],
         k["act"], k["C_BUCKET"], _next_pow2(OH * OW),
         SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_CENTER=center is not None,
     )
     return y
+
+
+def _cprog(k) -> int:
+    """Channel programs per split: an estimate (BLOCK_C = 64 for channels_last, 1 for NCHW)."""
+    return triton.cdiv(k["C"], 64) if k["cl"] else k["C"]
+
+
+def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale, has_shift, store_gc, need_red,
+               train=None):
+    """The gu kernel over all outputs: gc (when store_gc) and the (NSPLIT, 2, C) partial sums of
+    dscale / dshift (returned when need_red). train = (center, lin, cst) switches on the
+    batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
+    N, C, H, W = k["N"], k["C"], k["H"], k["W"]
+    ns = _num_splits(x, N * OH * OW, _cprog(k))
+    part = torch.empty((ns, 2, C), dtype=torch.float32, device=x.device) if need_red else gc
+    cen, lin, cst = train if train is not None else (k["wt"],) * 3
+
+    def grid(meta):
+        return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    _launch(_BWD_GU[k["cl"]])[grid](
+        x, k["wt"], k["s"], k["b"], grad_out, gc, part,
+        N, C, H, W, OH, OW, ns,
+        *x.stride(), *grad_out.stride(), *(gc.stride() if store_gc else (0, 0, 0, 0)),
+        padding[0], padding[1], dilation[0], dilation[1],
+        cen, lin, cst,
+        k["act"], k["C_BUCKET"], _next_pow2(OH * OW),
+        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+        HAS_SCALE=has_scale, HAS_SHIFT=has_shift, STORE_GC=store_gc, NEED_RED=need_red,
+        TRAIN=train is not None,
+    )
+    return part if need_red else None
+
+
+def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw):
+    """The dx kernel from gc (the gradient of the conv output): fills dx (when need_dx) and
+    returns dweight as (C, KH*KW) fp32 (when need_dw, else None)."""
+    N, C, H, W = k["N"], k["C"], k["H"], k["W"]
+    KK = k["KH"] * k["KW"]
+    KKP = _next_pow2(KK)
+    ns = _num_splits(x, N * H * W, _cprog(k))
+    part = torch.empty((ns, KKP, C), dtype=torch.float32, device=x.device) if need_dw else gc
+
+    def grid(meta):
+        return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    _launch(_BWD_DX[k["cl"]])[grid](
+        x, k["wt"], gc, dx, part,
+        N, C, H, W, OH, OW, ns,
+        *x.stride(), *gc.stride(), *(dx.stride() if need_dx else (0, 0, 0, 0)),
+        padding[0], padding[1], dilation[0], dilation[1],
+        k["C_BUCKET"], _next_pow2(OH * OW),
+        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"], KKP=KKP, NEED_DX=need_dx, NEED_DW=need_dw,
+    )
+    return part.sum(dim=0)[:KK].t() if need_dw else None
 
 
 def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
@@ -407,13 +549,8 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
     (dx, dweight, dscale, dshift); entries not asked for by output_mask (or whose input is None)
     are empty (0,) tensors. Always deterministic (fixed-order partial sums, no atomics)."""
     OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
-    torch._check_value(len(output_mask) == 4, lambda: f"fastdw: output_mask must have 4 entries; got {output_mask}")
+    _check_bwd(grad_out, x, OH, OW, output_mask)
     N, C, H, W = x.shape
-    torch._check_value(tuple(grad_out.shape) == (N, C, OH, OW),
-                       lambda: f"fastdw: grad_out must have the output's shape {[N, C, OH, OW]}; got "
-                               f"{list(grad_out.shape)}")
-    torch._check_type(grad_out.dtype == x.dtype,
-                      lambda: f"fastdw: grad_out must have x's dtype {x.dtype}; got {grad_out.dtype}")
     need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
     need_ds, need_db = bool(output_mask[2]) and scale is not None, bool(output_mask[3]) and shift is not None
     fmt = output_memory_format(x)
@@ -428,28 +565,11 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
 
     if x.numel() > 0 and (need_dx or need_dw or need_ds or need_db):
         k = _common(x, weight, scale, shift, stride, padding, dilation, act)
-        cl = k["cl"]
-        hw = _next_pow2(OH * OW)
-        # channel programs per split: an estimate (BLOCK_C = 64 for channels_last, 1 for NCHW)
-        cprog = triton.cdiv(C, 64) if cl else C
         need_red = need_ds or need_db
         store_gc = need_dx or need_dw
         gc = torch.empty((N, C, OH, OW), memory_format=fmt, **f32) if store_gc else dx
-        ns1 = _num_splits(x, N * OH * OW, cprog)
-        part1 = torch.empty((ns1, 2, C), **f32) if need_red else gc
-
-        def grid1(meta):
-            return (ns1 * triton.cdiv(C, meta["BLOCK_C"]),)
-
-        _launch(_BWD_GU[cl])[grid1](
-            x, k["wt"], k["s"], k["b"], grad_out, gc, part1,
-            N, C, H, W, OH, OW, ns1,
-            *x.stride(), *grad_out.stride(), *(gc.stride() if store_gc else (0, 0, 0, 0)),
-            padding[0], padding[1], dilation[0], dilation[1],
-            k["act"], k["C_BUCKET"], hw,
-            SH=stride[0], SW=stride[1], KH=KH, KW=KW,
-            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, STORE_GC=store_gc, NEED_RED=need_red,
-        )
+        part1 = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
+                           has_shift=shift is not None, store_gc=store_gc, need_red=need_red)
         if need_red:
             # separate sums: the returned gradients must not alias each other
             if need_ds:
@@ -457,23 +577,7 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
             if need_db:
                 db = part1[:, 1].sum(dim=0)
         if store_gc:
-            KKP = _next_pow2(KK)
-            ns2 = _num_splits(x, N * H * W, cprog)
-            part2 = torch.empty((ns2, KKP, C), **f32) if need_dw else gc
-
-            def grid2(meta):
-                return (ns2 * triton.cdiv(C, meta["BLOCK_C"]),)
-
-            _launch(_BWD_DX[cl])[grid2](
-                x, k["wt"], gc, dx, part2,
-                N, C, H, W, OH, OW, ns2,
-                *x.stride(), *gc.stride(), *(dx.stride() if need_dx else (0, 0, 0, 0)),
-                padding[0], padding[1], dilation[0], dilation[1],
-                k["C_BUCKET"], hw,
-                SH=stride[0], SW=stride[1], KH=KH, KW=KW, KKP=KKP, NEED_DX=need_dx, NEED_DW=need_dw,
-            )
-            if need_dw:
-                dw = part2.sum(dim=0)[:KK].t()
+            dw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw)
 
     def out(t, like):  # in the input's dtype; an empty (0,) tensor where not asked for
         dtype = like.dtype if like is not None else torch.float32
@@ -481,6 +585,113 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
 
     return (dx, out(dw.reshape(C, 1, KH, KW) if need_dw else None, weight).contiguous(), out(ds, scale),
             out(db, shift))
+
+
+# ------------------------------------------------------------------------------------------
+# Training mode (batch-statistics BatchNorm)
+
+
+def _f32_or(t: Optional[Tensor], like: Tensor, value: float) -> Tensor:
+    return t.float() if t is not None else torch.full((like.shape[1],), value, dtype=torch.float32, device=like.device)
+
+
+def _check_train(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
+    oh, ow = check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    _check_triton_limits(x)
+    return oh, ow
+
+
+def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
+                            beta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
+                            eps: float, act: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training forward launcher (the body of fastdw::dwconv_bn_act_train_triton): the statistics
+    kernel, the merge of its per-split (n, mean, M2) rows in float64 (fixed order), then the
+    inference forward with center = mean, scale = gamma * invstd, shift = beta. Returns
+    (y, mean + bias, biased var), mean and var fp32 (C,)."""
+    OH, OW = _check_train(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    N, C, H, W = x.shape
+    if N * C * OH * OW == 0:
+        y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+        nan = torch.full((C,), float("nan"), dtype=torch.float32, device=x.device)
+        return y, nan, nan.clone()
+    k = _common(x, weight, None, None, stride, padding, dilation, "none")
+    ns = _num_splits(x, N * OH * OW, _cprog(k))
+    part = torch.empty((ns, 3, C), dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    _launch(_TRAIN_STATS[k["cl"]])[grid](
+        x, k["wt"], part,
+        N, C, H, W, OH, OW, ns,
+        *x.stride(),
+        padding[0], padding[1], dilation[0], dilation[1],
+        k["C_BUCKET"], _next_pow2(OH * OW),
+        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+    )
+    pd = part.double()
+    cnt, pm, pq = pd[:, 0], pd[:, 1], pd[:, 2]
+    total = cnt.sum(dim=0)
+    mean_d = (cnt * pm).sum(dim=0) / total
+    var_d = (pq.sum(dim=0) + (cnt * (pm - mean_d).square()).sum(dim=0)) / total
+    mean, var = mean_d.float(), var_d.float()
+    scale = _f32_or(gamma, x, 1.0) * torch.rsqrt(var + eps)
+    y = _fwd_launch(x, weight, scale, beta, stride, padding, dilation, act, center=mean)
+    return y, (mean + bias.float() if bias is not None else mean), var
+
+
+def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], x: Tensor,
+                            weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], mean: Tensor, var: Tensor,
+                            stride: List[int], padding: List[int], dilation: List[int], eps: float, act: str,
+                            output_mask: List[bool], deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training backward launcher (the body of fastdw::_dwconv_bn_act_train_backward_triton):
+    the gu kernel twice (A: sums of gu and gu*(z - mean); B: dz), then the dx kernel on dz.
+    mean is the batch mean of conv(x) without the bias. Returns (dx, dweight, dgamma, dbeta)."""
+    OH, OW = _check_train(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)
+    check_channel_vectors(x, mean=mean, var=var, grad_mean=grad_mean, grad_var=grad_var)
+    _check_bwd(grad_y, x, OH, OW, output_mask)
+    N, C, H, W = x.shape
+    need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
+    need_dg, need_db = bool(output_mask[2]) and gamma is not None, bool(output_mask[3]) and beta is not None
+    fmt = output_memory_format(x)
+    KH, KW = weight.shape[2], weight.shape[3]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
+        else torch.empty((0,), dtype=x.dtype, device=x.device)
+    dw = torch.zeros((C, KH * KW), dtype=torch.float32, device=x.device) if need_dw else None
+    dg = torch.zeros((C,), dtype=torch.float32, device=x.device)
+    db = torch.zeros((C,), dtype=torch.float32, device=x.device)
+    M = N * OH * OW
+    if M > 0 and C > 0:
+        invstd = torch.rsqrt(var.float() + eps)
+        g = _f32_or(gamma, x, 1.0)
+        center = mean.float().contiguous()
+        scale = g * invstd
+        k = _common(x, weight, scale, _f32_or(beta, x, 0.0), stride, padding, dilation, act)
+        part = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
+                          store_gc=False, need_red=True, train=(center, center, center))
+        S, B = part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
+        dg, db = invstd * S, B
+        if need_dx or need_dw:
+            lin = -(g * invstd.pow(3) * S)
+            if grad_var is not None:
+                lin = lin + 2.0 * grad_var.float()
+            cst = -(scale * B)
+            if grad_mean is not None:
+                cst = cst + grad_mean.float()
+            lin, cst = (lin / M).contiguous(), (cst / M).contiguous()
+            gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=torch.float32, device=x.device)
+            _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
+                       store_gc=True, need_red=False, train=(center, lin, cst))
+            dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw)
+    elif need_dx:
+        dx.zero_()
+
+    def out(t, like, need):  # in the input's dtype; an empty (0,) tensor where not asked for
+        dtype = like.dtype if like is not None else torch.float32
+        return t.to(dtype) if need else torch.empty((0,), dtype=dtype, device=x.device)
+
+    return (dx, out(dw.reshape(C, 1, KH, KW) if need_dw else None, weight, need_dw).contiguous(),
+            out(dg, gamma, need_dg), out(db, beta, need_db))
 
 
 # ------------------------------------------------------------------------------------------
@@ -515,8 +726,35 @@ else:
 _fwd_op.register_autograd(make_backward(_bwd_op), setup_context=setup_context)
 _bwd_op.register_autograd(double_backward, setup_context=no_setup_context)
 
+
+def _train_fwd_fake(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
+    out = fake_train_forward(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    _check_triton_limits(x)
+    return out
+
+
+def _train_bwd_fake(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps,
+                    act, output_mask, deterministic):
+    out = fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding,
+                              dilation, eps, act, output_mask, deterministic)
+    _check_triton_limits(x)
+    return out
+
+
+_OP_FACTORY = torch.library.custom_op if INTERPRET else torch.library.triton_op
+_train_op = _OP_FACTORY("fastdw::dwconv_bn_act_train_triton", dwconv_bn_act_train_fwd, mutates_args=())
+_train_bwd_op = _OP_FACTORY("fastdw::_dwconv_bn_act_train_backward_triton", dwconv_bn_act_train_bwd,
+                            mutates_args=())
+if INTERPRET:
+    _train_op.register_fake(_train_fwd_fake)
+    _train_bwd_op.register_fake(_train_bwd_fake)
+_train_op.register_autograd(make_train_backward(_train_bwd_op), setup_context=setup_train_context)
+_train_bwd_op.register_autograd(double_backward, setup_context=no_setup_context)
+
 OP = torch.ops.fastdw.dwconv_bn_act_triton.default
 BWD_OP = torch.ops.fastdw._dwconv_bn_act_backward_triton.default
+TRAIN_OP = torch.ops.fastdw.dwconv_bn_act_train_triton.default
+TRAIN_BWD_OP = torch.ops.fastdw._dwconv_bn_act_train_backward_triton.default
 
 
 def dwconv_bn_act_triton(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
