@@ -421,7 +421,7 @@ def test_gpu_matches_reference(backend, dtype, layout):
 @pytest.mark.gpu
 def test_gpu_matches_cpu_on_mobilenet_layers():
     """Every distinct MobileNetV2 depthwise layer at N = 8, fp32 channels_last: the GPU op (each
-    backend) against the CPU op on the same inputs."""
+    backend) against the fp64 reference, outputs and gradients."""
     from fastdw.layers import MOBILENET_V2, unique_layers
 
     fails = []
