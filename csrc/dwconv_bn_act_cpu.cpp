@@ -437,6 +437,17 @@ struct ChannelParams {
   }
 };
 
+// (C,) vector of acc_t from an optional tensor (absent: dflt).
+template <typename acc_t>
+std::vector<acc_t> channel_vector(const c10::optional<at::Tensor>& t, int64_t C, acc_t dflt) {
+  std::vector<acc_t> v(C, dflt);
+  if (t.has_value() && t->defined()) {
+    const auto tc = t->to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
+    std::copy(tc.template const_data_ptr<acc_t>(), tc.template const_data_ptr<acc_t>() + C, v.begin());
+  }
+  return v;
+}
+
 template <typename acc_t>
 ChannelParams<acc_t> channel_params(const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                                     const c10::optional<at::Tensor>& shift, bool transpose) {
@@ -447,16 +458,8 @@ ChannelParams<acc_t> channel_params(const at::Tensor& weight, const c10::optiona
   if (transpose) w = w.t();
   w = w.contiguous();
   cp.w.assign(w.template const_data_ptr<acc_t>(), w.template const_data_ptr<acc_t>() + C * T);
-  auto vec = [&](const c10::optional<at::Tensor>& t, acc_t dflt) {
-    std::vector<acc_t> v(C, dflt);
-    if (t.has_value() && t->defined()) {
-      auto tc = t->to(acc_dtype).contiguous();
-      std::copy(tc.template const_data_ptr<acc_t>(), tc.template const_data_ptr<acc_t>() + C, v.begin());
-    }
-    return v;
-  };
-  cp.scale = vec(scale, acc_t(1));
-  cp.shift = vec(shift, acc_t(0));
+  cp.scale = channel_vector<acc_t>(scale, C, acc_t(1));
+  cp.shift = channel_vector<acc_t>(shift, C, acc_t(0));
   cp.center.assign(C, acc_t(0));
   return cp;
 }
@@ -914,17 +917,6 @@ void batch_stats(const DwConvParams& p, const ChannelParams<acc_t>& cp, acc_t* m
     });
     merge_stats<acc_t>(pm.data(), pq.data(), p.N, p.C, p.OH * p.OW, mean, var);
   }
-}
-
-// (C,) vector of acc_t from an optional tensor (absent: dflt).
-template <typename acc_t>
-std::vector<acc_t> channel_vector(const c10::optional<at::Tensor>& t, int64_t C, acc_t dflt) {
-  std::vector<acc_t> v(C, dflt);
-  if (t.has_value() && t->defined()) {
-    const auto tc = t->to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
-    std::copy(tc.template const_data_ptr<acc_t>(), tc.template const_data_ptr<acc_t>() + C, v.begin());
-  }
-  return v;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_act_train_cpu(

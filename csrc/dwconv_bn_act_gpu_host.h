@@ -24,6 +24,18 @@ struct GpuFwdPlan {
   kern::FwdPath path = kern::FwdPath::General;
 };
 
+// The per-channel affine of a plan as fp32 copies (absent: scale 1, shift 0), and its pointers.
+inline void set_affine(GpuFwdPlan& g, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  DwConvParams& p = g.args.p;
+  const auto f32 = g.x.options().dtype(at::kFloat);
+  g.scale = (scale.has_value() && scale->defined()) ? scale->to(at::kFloat).contiguous() : at::ones({p.C}, f32);
+  g.shift = (shift.has_value() && shift->defined()) ? shift->to(at::kFloat).contiguous() : at::zeros({p.C}, f32);
+  p.scale_ptr = g.scale.const_data_ptr();
+  p.shift_ptr = g.shift.const_data_ptr();
+  g.args.scale = g.scale.const_data_ptr<float>();
+  g.args.shift = g.shift.const_data_ptr<float>();
+}
+
 inline GpuFwdPlan plan_fwd(const at::Tensor& x_in, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -34,18 +46,12 @@ inline GpuFwdPlan plan_fwd(const at::Tensor& x_in, const at::Tensor& weight,
   const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   g.x = x_in.contiguous(fmt);
   g.out = at::empty({p.N, p.C, p.OH, p.OW}, g.x.options().memory_format(fmt));
-  const auto f32 = g.x.options().dtype(at::kFloat);
   g.wt = weight.reshape({p.C, p.KH * p.KW}).to(at::kFloat).t().contiguous();  // (T, C)
-  g.scale = (scale.has_value() && scale->defined()) ? scale->to(at::kFloat).contiguous() : at::ones({p.C}, f32);
-  g.shift = (shift.has_value() && shift->defined()) ? shift->to(at::kFloat).contiguous() : at::zeros({p.C}, f32);
   p.x_ptr = g.x.const_data_ptr();
   p.out_ptr = g.out.data_ptr();
   p.weight_ptr = g.wt.const_data_ptr();
-  p.scale_ptr = g.scale.const_data_ptr();
-  p.shift_ptr = g.shift.const_data_ptr();
   g.args.wt = g.wt.const_data_ptr<float>();
-  g.args.scale = g.scale.const_data_ptr<float>();
-  g.args.shift = g.shift.const_data_ptr<float>();
+  set_affine(g, scale, shift);
   const bool aligned16 = reinterpret_cast<uintptr_t>(p.x_ptr) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(p.out_ptr) % 16 == 0;
   g.path = kern::select_fwd_path(p, static_cast<int>(g.x.element_size()), aligned16);

@@ -67,10 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
   const at::Tensor var_d = (pq.sum(0) + (cnt * (pm - mean_d).square()).sum(0)) / total;
   const at::Tensor mean = mean_d.to(at::kFloat), var = var_d.to(at::kFloat);
   const at::Tensor scale = present(gamma) ? gamma->to(at::kFloat) * (var + eps).rsqrt() : (var + eps).rsqrt();
-  GpuFwdPlan f = plan_fwd(s.x, weight, scale, beta, stride, padding, dilation, act);
-  f.args.center = mean.const_data_ptr<float>();
-  schedule_fwd(f, exec);
-  return {f.out, present(bias) ? mean + bias->to(at::kFloat) : mean, var};
+  // The statistics plan already holds x, y and the weights: only the affine changes.
+  set_affine(s, scale, beta);
+  s.args.center = mean.const_data_ptr<float>();
+  schedule_fwd(s, exec);
+  return {s.out, present(bias) ? mean + bias->to(at::kFloat) : mean, var};
 }
 
 // Backward: (dx, dweight, dgamma, dbeta) under the output_mask rule of the inference backward.
