@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "build_info.h"
+#include "dwconv_bn_act_cpu.h"
 
 namespace py = pybind11;
 
@@ -35,6 +36,8 @@ static py::dict build_info() {
     if (op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) backends.append("cuda");
   }
   d["backends"] = backends;
+  // CPU kernel ISA levels compiled in that this processor runs (see set_cpu_isa).
+  d["cpu_isas"] = py::cast(fastdw::cpu::supported_isas());
   return d;
 }
 
@@ -55,4 +58,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_binary_version", &cuda_binary_version, py::arg("device"),
         "SM version (e.g. 90) of the kernel image the CUDA driver picks for `device`; "
         "-1 when the binary holds no image that runs there; None without CUDA.");
+  m.def(
+      "cpu_isa",
+      [] {
+        try {
+          return std::string(fastdw::cpu::isa_name(fastdw::cpu::active_isa()));
+        } catch (const c10::Error& e) {  // a bad FASTDW_CPU_ISA
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+        "The ISA level the CPU kernels run at now: 'default', 'avx2' or 'avx512'.");
+  m.def(
+      "set_cpu_isa",
+      [](const std::string& name) {
+        try {
+          return fastdw::cpu::set_isa(name);
+        } catch (const c10::Error& e) {
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
+      py::arg("name"),
+        "Forces the CPU kernels' ISA level ('auto', 'default', 'avx2', 'avx512'; at most what the "
+        "processor runs) and returns the previous one. The FASTDW_CPU_ISA environment variable "
+        "sets it at the first call.");
 }

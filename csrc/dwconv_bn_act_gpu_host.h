@@ -88,7 +88,7 @@ inline GpuBwdPlan plan_bwd(const at::Tensor& grad_out, const at::Tensor& x, cons
   int64_t nchunks = 0, rpc = 1;
   kern::bwd_chunks(p.N * p.OH, nchunks, rpc);
   const bool need_red = g.need_dw || g.need_ds || g.need_db;
-  g.partial = at::empty({need_red ? nchunks * (T + 1) * p.C : 0}, f32);
+  g.partial = at::empty({need_red ? nchunks * (T + 1) * p.C : 0}, f32.dtype(at::kDouble));
   g.dx = g.need_dx ? at::empty(g.f.x.sizes(), g.f.x.options().memory_format(fmt)) : at::empty({0}, g.f.x.options());
   g.dw = g.need_dw ? at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous))
                    : at::empty({0}, weight.options());
@@ -98,7 +98,7 @@ inline GpuBwdPlan plan_bwd(const at::Tensor& grad_out, const at::Tensor& x, cons
   g.b.dy = g.dy.const_data_ptr();
   g.b.gu = g.gu.data_ptr<float>();
   g.b.dx = g.need_dx ? g.dx.data_ptr() : nullptr;
-  g.b.partial = g.partial.data_ptr<float>();
+  g.b.partial = g.partial.data_ptr<double>();
   g.b.nchunks = nchunks;
   g.b.rows_per_chunk = rpc;
   g.n_out = p.N * p.C * p.OH * p.OW;

@@ -14,6 +14,8 @@
 //       G[c, t] = sum gu * x_tap, G[c, T] = sum gu   (kernel 3: fixed chunks -> partials;
 //       kernel 4 adds the chunks in order: deterministic, no atomics)
 //       dweight = scale * G[:, :T],  dshift = G[:, T],  dscale = sum_t w[c, t] * G[c, t]
+// Every such sum is a BlockSum within a thread and double across threads: about as accurate as
+// the fp32 terms themselves, whatever the shape.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -46,7 +48,7 @@ struct BwdArgs {
   const void* dy;     // (N, C, OH, OW) in the op's layout
   float* gu;          // (N, C, OH, OW) fp32 workspace, same layout
   void* dx;           // (N, C, H, W) or nullptr
-  float* partial;     // (nchunks, T+1, C) fp32 workspace
+  double* partial;    // (nchunks, T+1, C) workspace
   int64_t nchunks, rows_per_chunk;  // chunks of the N*OH output rows
 };
 
@@ -54,6 +56,57 @@ template <typename T>
 FASTDW_HD float to_f(T v) {
   return static_cast<float>(v);
 }
+
+// A sum of many fp32 terms (the per-channel reductions). A plain fp32 sum of n terms loses about
+// sqrt(n) ulps; here fp32 blocks of kSumBlock terms are folded into an unevaluated (hi, lo) pair
+// by TwoSum (Knuth), which carries about twice fp32's precision without fp64 arithmetic (slow on
+// most GPUs), and the result leaves the thread as a double. V lanes share one block counter.
+// (Host compilers and nvcc keep the TwoSum order: no fast-math reassociation is enabled.)
+constexpr int kSumBlock = 16;
+
+template <int V>
+struct BlockSum {
+  float blk[V], hi[V], lo[V];
+  int n;
+  FASTDW_HD BlockSum() : n(0) {
+    for (int v = 0; v < V; ++v) blk[v] = hi[v] = lo[v] = 0.f;
+  }
+  FASTDW_HD void fold() {
+    for (int v = 0; v < V; ++v) {
+      const float t = hi[v] + blk[v], bp = t - hi[v];
+      lo[v] += (hi[v] - (t - bp)) + (blk[v] - bp);
+      hi[v] = t;
+      blk[v] = 0.f;
+    }
+    n = 0;
+  }
+  // Adds one term per lane; step() ends the terms of one round (every lane added one).
+  FASTDW_HD void add(int v, float x) { blk[v] += x; }
+  FASTDW_HD void step() {
+    if (++n == kSumBlock) fold();
+  }
+  FASTDW_HD double value(int v) {
+    if (n > 0) fold();
+    return static_cast<double>(hi[v]) + static_cast<double>(lo[v]);
+  }
+};
+
+// TwoSum on every term: for sums of random-signed terms that cancel to much less than the terms
+// (a batch mean next to a large spread), where even a 16-term fp32 block adds about 3 ulps of the
+// spread. Six flops per term instead of one.
+template <int V>
+struct CompSum {
+  float hi[V], lo[V];
+  FASTDW_HD CompSum() {
+    for (int v = 0; v < V; ++v) hi[v] = lo[v] = 0.f;
+  }
+  FASTDW_HD void add(int v, float x) {
+    const float t = hi[v] + x, bp = t - hi[v];
+    lo[v] += (hi[v] - (t - bp)) + (x - bp);
+    hi[v] = t;
+  }
+  FASTDW_HD double value(int v) const { return static_cast<double>(hi[v]) + static_cast<double>(lo[v]); }
+};
 
 // Element offset of (n, c, h, w) in a dense NCHW or NHWC tensor of spatial size hs x ws.
 FASTDW_HD int64_t offset(bool cl, int64_t n, int64_t c, int64_t h, int64_t w, int64_t C, int64_t hs,
@@ -222,11 +275,14 @@ FASTDW_HD void bwd_partial(const BwdArgs& b, int64_t i) {
   const auto* x = static_cast<const scalar_t*>(p.x_ptr);
   const int64_t r_begin = chunk * b.rows_per_chunk;
   const int64_t r_end = r_begin + b.rows_per_chunk < p.N * p.OH ? r_begin + b.rows_per_chunk : p.N * p.OH;
-  float s = 0.f;
+  BlockSum<1> s;
   if (j == T) {  // dshift: sum of gu
     for (int64_t r = r_begin; r < r_end; ++r) {
       const int64_t n = r / p.OH, oh = r % p.OH;
-      for (int64_t ow = 0; ow < p.OW; ++ow) s += b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)];
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        s.add(0, b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)]);
+        s.step();
+      }
     }
   } else {  // tap j: sum of gu * x at that tap, over the positions where the tap is inside x
     const int64_t ow_lo_num = p.pad_w - kw * p.dil_w;  // ow*sw >= this  <=>  iw >= 0
@@ -239,32 +295,33 @@ FASTDW_HD void bwd_partial(const BwdArgs& b, int64_t i) {
       if (ih < 0 || ih >= p.H) continue;
       for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
         const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dil_w;
-        s += b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)] *
-             to_f(x[offset(p.channels_last, n, c, ih, iw, p.C, p.H, p.W)]);
+        s.add(0, b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)] *
+                     to_f(x[offset(p.channels_last, n, c, ih, iw, p.C, p.H, p.W)]));
+        s.step();
       }
     }
   }
-  b.partial[i] = s;
+  b.partial[i] = s.value(0);
 }
 
-// Kernel 4: one thread per channel adds the chunk partials in chunk order (deterministic) and
-// forms dweight (weight dtype), dscale and dshift (fp32).
+// Kernel 4: one thread per channel adds the chunk partials in chunk order, in double
+// (deterministic), and forms dweight (weight dtype), dscale and dshift (fp32).
 template <typename weight_t>
 FASTDW_HD void bwd_finish(const BwdArgs& b, weight_t* dw, float* dscale, float* dshift, int64_t c) {
   const DwConvParams& p = b.a.p;
   const int64_t T = p.KH * p.KW;
-  float ds = 0.f;
+  double ds = 0.0;
   for (int64_t j = 0; j <= T; ++j) {
-    float g = 0.f;
+    double g = 0.0;
     for (int64_t k = 0; k < b.nchunks; ++k) g += b.partial[(k * (T + 1) + j) * p.C + c];
     if (j == T) {
-      if (dshift != nullptr) dshift[c] = g;
+      if (dshift != nullptr) dshift[c] = static_cast<float>(g);
     } else {
-      if (dw != nullptr) dw[c * T + j] = static_cast<weight_t>(g * b.a.scale[c]);
+      if (dw != nullptr) dw[c * T + j] = static_cast<weight_t>(static_cast<float>(g * b.a.scale[c]));
       ds += g * b.a.wt[j * p.C + c];
     }
   }
-  if (dscale != nullptr) dscale[c] = ds;
+  if (dscale != nullptr) dscale[c] = static_cast<float>(ds);
 }
 
 struct FinishArgs {

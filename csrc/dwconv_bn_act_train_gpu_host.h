@@ -49,8 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
   const int64_t V = vec ? 16 / s.x.element_size() : 1;
   int64_t nchunks = 0, rpc = 1;
   kern::train_chunks(p.N * p.OH, p.C / V, nchunks, rpc);
-  at::Tensor part = at::empty({nchunks, 3, p.C}, f32);
-  kern::StatArgs sa{s.args, nullptr, part.data_ptr<float>(), rpc};
+  at::Tensor part = at::empty({nchunks, 3, p.C}, f32.dtype(at::kDouble));
+  kern::StatArgs sa{s.args, nullptr, part.data_ptr<double>(), rpc};
   gpu_dtype_switch(s.x.scalar_type(), [&](auto t) {
     using scalar_t = decltype(t);
     if (vec) {
@@ -60,13 +60,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
     }
   });
   // Chan et al.'s merge of the chunks, in double, in a fixed order (no atomics anywhere).
-  const at::Tensor pd = part.to(at::kDouble);
+  const at::Tensor& pd = part;
   const at::Tensor cnt = pd.select(1, 0), pm = pd.select(1, 1), pq = pd.select(1, 2);
   const at::Tensor total = cnt.sum(0);
   const at::Tensor mean_d = (cnt * pm).sum(0) / total;
   const at::Tensor var_d = (pq.sum(0) + (cnt * (pm - mean_d).square()).sum(0)) / total;
   const at::Tensor mean = mean_d.to(at::kFloat), var = var_d.to(at::kFloat);
-  const at::Tensor scale = present(gamma) ? gamma->to(at::kFloat) * (var + eps).rsqrt() : (var + eps).rsqrt();
+  // invstd in double from the returned (rounded) variance, as the backward computes it.
+  const at::Tensor invstd = (var.to(at::kDouble) + eps).rsqrt();
+  const at::Tensor scale = (present(gamma) ? gamma->to(at::kDouble) * invstd : invstd).to(at::kFloat);
   // The statistics plan already holds x, y and the weights: only the affine changes.
   set_affine(s, scale, beta);
   s.args.center = mean.const_data_ptr<float>();
@@ -95,10 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_train_bwd(
   at::Tensor dg = at::zeros({p.C}, f32), db = at::zeros({p.C}, f32);
   const int64_t M = p.N * p.OH * p.OW;
   if (M > 0 && p.C > 0) {
-    const at::Tensor invstd = (var.to(at::kFloat) + eps).rsqrt();
-    const at::Tensor gam = present(gamma) ? gamma->to(at::kFloat) : at::ones({p.C}, f32);
+    // The per-channel algebra in double: invstd, and below the sums and the dz coefficients.
+    const auto f64 = f32.dtype(at::kDouble);
+    const at::Tensor invstd = (var.to(at::kFloat).to(at::kDouble) + eps).rsqrt();
+    const at::Tensor gam = present(gamma) ? gamma->to(at::kDouble) : at::ones({p.C}, f64);
     const at::Tensor center = mean.to(at::kFloat).contiguous();
-    const at::Tensor scale = (gam * invstd).contiguous();
+    const at::Tensor scale_d = gam * invstd;
+    const at::Tensor scale = scale_d.to(at::kFloat).contiguous();
     const at::Tensor shift = present(beta) ? beta->to(at::kFloat).contiguous() : at::zeros({p.C}, f32);
     kern::Args a = g.f.args;
     a.scale = scale.const_data_ptr<float>();
@@ -109,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_train_bwd(
     const int64_t V = vec ? 16 / g.f.x.element_size() : 1;
     int64_t nchunks = 0, rpc = 1;
     kern::train_chunks(p.N * p.OH, p.C / V, nchunks, rpc);
-    at::Tensor part = at::empty({nchunks, 2, p.C}, f32);
-    kern::StatArgs ra{a, g.dy.const_data_ptr(), part.data_ptr<float>(), rpc};
+    at::Tensor part = at::empty({nchunks, 2, p.C}, f64);
+    kern::StatArgs ra{a, g.dy.const_data_ptr(), part.data_ptr<double>(), rpc};
     gpu_dtype_switch(g.f.x.scalar_type(), [&](auto t) {
       using scalar_t = decltype(t);
       act_switch(p.act, [&](auto ac) {
@@ -123,17 +128,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_train_bwd(
       });
     });
     const at::Tensor S = part.select(1, 0).sum(0), B = part.select(1, 1).sum(0);
-    dg = invstd * S;
-    db = B;
+    dg = (invstd * S).to(at::kFloat);
+    db = B.to(at::kFloat);
     if (need_dx || need_dw) {
       // Pass B: dz = scale * gu + lin * (z - mean) + cst into g.gu, then dx / dweight with scale 1.
       const double invM = 1.0 / static_cast<double>(M);
       at::Tensor lin = -(gam * invstd.pow(3) * S);
-      if (present(grad_var)) lin = lin + 2.0 * grad_var->to(at::kFloat);
-      lin = (lin * invM).contiguous();
-      at::Tensor cst = -(scale * B);
-      if (present(grad_mean)) cst = cst + grad_mean->to(at::kFloat);
-      cst = (cst * invM).contiguous();
+      if (present(grad_var)) lin = lin + 2.0 * grad_var->to(at::kDouble);
+      lin = (lin * invM).to(at::kFloat).contiguous();
+      at::Tensor cst = -(scale_d * B);
+      if (present(grad_mean)) cst = cst + grad_mean->to(at::kDouble);
+      cst = (cst * invM).to(at::kFloat).contiguous();
       kern::BwdArgs bz = g.b;
       bz.a = a;
       bz.a.lin = lin.const_data_ptr<float>();

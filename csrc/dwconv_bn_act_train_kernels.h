@@ -4,7 +4,7 @@
 //
 // Forward: 1. TrainStats: per (chunk of output rows, channel or channel vector), the count, mean
 //             and M2 = sum (z - mean)^2 of z = conv(x) by the shifted-data algorithm (shift =
-//             the chunk's first z: no sum / sum-of-squares cancellation);
+//             the chunk's first z: no sum / sum-of-squares cancellation); see train_stats;
 //          2. (host) the chunks merged in order (Chan et al.) -> batch mean, biased variance;
 //          3. the inference forward (FwdVec / FwdGeneral) with center = mean, scale = gamma *
 //             invstd, shift = beta: the conv is recomputed, nothing is stored in between.
@@ -20,7 +20,7 @@ namespace kern {
 struct StatArgs {
   Args a;
   const void* dy;          // backward reduce only: (N, C, OH, OW) in the op's layout
-  float* part;             // (nchunks, 3, C) stats / (nchunks, 2, C) backward sums
+  double* part;            // (nchunks, 3, C) stats / (nchunks, 2, C) backward sums
   int64_t rows_per_chunk;  // chunks of the N*OH output rows
 };
 
@@ -83,8 +83,13 @@ FASTDW_HD void train_stats(const StatArgs& s, int64_t i) {
   const DwConvParams& p = s.a.p;
   const auto [c0, chunk, r0, r1] = chunk_thread(s, i, V);
   const auto* x = static_cast<const scalar_t*>(s.a.p.x_ptr);
-  float k[V], s1[V], s2[V];
-  for (int v = 0; v < V; ++v) k[v] = s1[v] = s2[v] = 0.f;
+  float k[V];
+  for (int v = 0; v < V; ++v) k[v] = 0.f;
+  // s1 = sum z cancels to much less than its terms: CompSum (not of z - k: rounding z - k to fp32
+  // drops k's low bits the same way for every term, a bias that grows with the count).
+  // s2 = sum (z - k)^2, positive terms: BlockSum.
+  CompSum<V> s1;
+  BlockSum<V> s2;
   bool first = true;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.OH, oh = r % p.OH;
@@ -97,18 +102,19 @@ FASTDW_HD void train_stats(const StatArgs& s, int64_t i) {
       }
       for (int v = 0; v < V; ++v) {
         const float d = z[v] - k[v];
-        s1[v] += d;
-        s2[v] += d * d;
+        s1.add(v, z[v]);
+        s2.add(v, d * d);
       }
+      s2.step();
     }
   }
-  const float cnt = static_cast<float>((r1 > r0 ? r1 - r0 : 0) * p.OW);
+  const double cnt = static_cast<double>((r1 > r0 ? r1 - r0 : 0) * p.OW);
   for (int v = 0; v < V; ++v) {
-    const float mean_off = cnt > 0.f ? s1[v] / cnt : 0.f;
-    const float m2 = s2[v] - s1[v] * mean_off;
+    const double mean = cnt > 0.0 ? s1.value(v) / cnt : 0.0, e = mean - static_cast<double>(k[v]);
+    const double m2 = s2.value(v) - cnt * e * e;
     s.part[(chunk * 3 + 0) * p.C + c0 + v] = cnt;
-    s.part[(chunk * 3 + 1) * p.C + c0 + v] = k[v] + mean_off;
-    s.part[(chunk * 3 + 2) * p.C + c0 + v] = m2 > 0.f ? m2 : 0.f;
+    s.part[(chunk * 3 + 1) * p.C + c0 + v] = mean;
+    s.part[(chunk * 3 + 2) * p.C + c0 + v] = m2 > 0.0 ? m2 : 0.0;
   }
 }
 
@@ -120,12 +126,12 @@ FASTDW_HD void train_bwd_reduce(const StatArgs& s, int64_t i) {
   const auto [c0, chunk, r0, r1] = chunk_thread(s, i, V);
   const auto* x = static_cast<const scalar_t*>(p.x_ptr);
   const auto* dy = static_cast<const scalar_t*>(s.dy);
-  float sc[V], sh[V], ce[V], ss[V], sb[V];
+  float sc[V], sh[V], ce[V];
+  BlockSum<V> ss, sb;
   for (int v = 0; v < V; ++v) {
     sc[v] = s.a.scale[c0 + v];
     sh[v] = s.a.shift[c0 + v];
     ce[v] = s.a.center[c0 + v];
-    ss[v] = sb[v] = 0.f;
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / p.OH, oh = r % p.OH;
@@ -136,14 +142,16 @@ FASTDW_HD void train_bwd_reduce(const StatArgs& s, int64_t i) {
       for (int v = 0; v < V; ++v) {
         const float zc = z[v] - ce[v];
         const float gu = act_bwd<A>(zc * sc[v] + sh[v], g[v]);
-        sb[v] += gu;
-        ss[v] += gu * zc;
+        sb.add(v, gu);
+        ss.add(v, gu * zc);
       }
+      sb.step();
+      ss.step();
     }
   }
   for (int v = 0; v < V; ++v) {
-    s.part[(chunk * 2 + 0) * p.C + c0 + v] = ss[v];
-    s.part[(chunk * 2 + 1) * p.C + c0 + v] = sb[v];
+    s.part[(chunk * 2 + 0) * p.C + c0 + v] = ss.value(v);
+    s.part[(chunk * 2 + 1) * p.C + c0 + v] = sb.value(v);
   }
 }
 

@@ -58,15 +58,35 @@ _check_gpu_arch()
 
 
 def build_info() -> dict:
-    """What was compiled in: version, with_cuda, cuda_version, cuda_archs, torch_version, backends."""
+    """What was compiled in: version, with_cuda, cuda_version, cuda_archs, torch_version, backends,
+    cpu_isas (the CPU kernels' ISA levels this processor runs; see set_cpu_isa)."""
     if _C is None:
         return {"version": __version__, "with_cuda": False, "cuda_version": None, "cuda_archs": [],
-                "torch_version": None, "backends": [], "error": _C_IMPORT_ERROR}
+                "torch_version": None, "backends": [], "cpu_isas": [], "error": _C_IMPORT_ERROR}
     return _C.build_info()
+
+
+def cpu_isa() -> str:
+    """The ISA level the CPU kernels run at: 'default' (baseline), 'avx2' (x86-64-v3) or 'avx512'
+    (x86-64-v4). The best this processor runs, unless FASTDW_CPU_ISA (read at the first CPU call)
+    or set_cpu_isa() chose a lower one."""
+    if _C is None:
+        raise RuntimeError(f"fastdw: the compiled extension is not available: {_C_IMPORT_ERROR}")
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Forces the ISA level of the CPU kernels ('auto' for the best this processor runs,
+    'default', 'avx2', 'avx512') and returns the previous level. Every level computes the same
+    function; they differ in speed and rounding, which is what this knob lets a test compare on
+    one machine. Raises ValueError for a level this build or processor cannot run."""
+    if _C is None:
+        raise RuntimeError(f"fastdw: the compiled extension is not available: {_C_IMPORT_ERROR}")
+    return _C.set_cpu_isa(name)
 
 
 __all__ = [
     "__version__", "ACTIVATIONS", "BACKENDS", "HAS_EXT", "dwconv_bn_act", "dwconv_bn_act_train", "available_backends",
     "resolve_backend", "output_memory_format", "DWConvBNAct2d", "FoldedBatchNorm2d", "fold_bn",
-    "convert", "revert", "build_info",
+    "convert", "revert", "build_info", "cpu_isa", "set_cpu_isa",
 ]

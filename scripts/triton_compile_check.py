@@ -36,7 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import fastdw.triton.dwconv_bn_act as T  # noqa: E402
 
 SPILL_BYTES_3X3 = 16
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 class _Recorder:

@@ -160,7 +160,7 @@ def _rel_l2(a, b) -> float:
 
 
 def train_step_for_step(name, device="cpu", dtype=torch.float32, autocast=False, backend="auto", steps=3, N=4,
-                        size=96):
+                        size=96, seed=0):
     """Trains the stock and the converted network side by side from the same weights and data
     (SGD with momentum and weight decay) and compares, at every step, the loss, every gradient
     and every BatchNorm buffer, and the weights at the end.
@@ -169,8 +169,16 @@ def train_step_for_step(name, device="cpu", dtype=torch.float32, autocast=False,
     compared with a float64 run of the stock network (the truth): a trained network amplifies
     rounding differences from step to step (and an activation input within rounding of a ReLU
     kink flips the branch), so the converted network must be as close to the truth as the stock
-    one is, within a factor, for the loss, the gradients, the running statistics and the weights."""
-    torch.manual_seed(0)
+    one is, within a factor, for the logits, the gradients, the running statistics and the
+    weights (relative L2 error over each list of tensors).
+
+    The factor (3) comes from the per-layer bounds: every fused layer's outputs and gradients are
+    within 1.25x of stock's error plus two units of fp32 rounding (tests/test_accuracy.py), so the
+    converted network's errors have stock's scale, and what is left is the spread between two
+    runs that round differently: fused/stock ratios of 0.73-1.71 over 10 seeds x 3 CPU ISA paths
+    (EfficientNet-B0, fp32). The logits are compared rather than the scalar loss: the ratio of two
+    scalar errors of the same scale is heavy-tailed (a 4x bound on it failed one run in ~6)."""
+    torch.manual_seed(seed)
     base = _deterministic_net(randomize_bn(_nets()[name](), 0, spread=0.2)).to(device)
     fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
     runs = {"stock": copy.deepcopy(base).to(dtype=dtype, memory_format=fmt),
@@ -190,10 +198,10 @@ def train_step_for_step(name, device="cpu", dtype=torch.float32, autocast=False,
                 _close(f, st, f"{name} {what} {n}", rtol=1e-7, atol=1e-9 * max(scale, 1e-3))
             return
         ef, es = _rel_l2(fused, truth), _rel_l2(stock, truth)
-        assert ef <= 4 * es + floor, (f"{name} {what}: converted network off the float64 truth by {ef:.3g} "
+        assert ef <= 3 * es + floor, (f"{name} {what}: converted network off the float64 truth by {ef:.3g} "
                                       f"(relative L2), the stock one by {es:.3g}")
 
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    gen = torch.Generator(device="cpu").manual_seed(1 + seed)
     for step in range(steps):
         x = torch.randn(N, 3, size, size, generator=gen).to(device)
         labels = torch.randint(0, 10, (N,), generator=gen).to(device)
@@ -203,9 +211,10 @@ def train_step_for_step(name, device="cpu", dtype=torch.float32, autocast=False,
             opts[k].zero_grad()
             xk = x.to(torch.float64 if k == "truth" else dtype).contiguous(memory_format=fmt)
             with torch.autocast(device_type=device, dtype=torch.float16, enabled=autocast and k != "truth"):
-                out = nn.functional.cross_entropy(m(xk), labels)
-            out.backward()
-            loss[k] = out.detach().reshape(1)
+                out = m(xk)
+                loss_k = nn.functional.cross_entropy(out, labels)
+            loss_k.backward()
+            loss[k] = out.detach().float() if k != "truth" else out.detach()
             params = dict(m.named_parameters())
             assert all(params[n].grad is not None for n in names), [n for n in names if params[n].grad is None]
             grads[k] = [params[n].grad for n in names]
@@ -215,7 +224,7 @@ def train_step_for_step(name, device="cpu", dtype=torch.float32, autocast=False,
         for n, b in bufs["stock"].items():
             if not b.is_floating_point():
                 assert torch.equal(bufs["fused"][n], b), n
-        compare(f"loss step {step}", [loss["fused"]], [loss["stock"]], None if exact else [loss["truth"]], ["loss"])
+        compare(f"logits step {step}", [loss["fused"]], [loss["stock"]], None if exact else [loss["truth"]], ["logits"])
         compare(f"gradients step {step}", grads["fused"], grads["stock"], grads.get("truth"), names)
         fb = [bufs["fused"][n] for n in bnames]
         sb = [bufs["stock"][n] for n in bnames]
@@ -232,8 +241,14 @@ def test_converted_network_trains_step_for_step_fp64(name):
     train_step_for_step(name, dtype=torch.float64, size=128)
 
 
-def test_converted_network_trains_step_for_step_fp32():
-    train_step_for_step("efficientnet_b0")
+@pytest.mark.parametrize("isa", fastdw.build_info().get("cpu_isas") or ["default"])
+def test_converted_network_trains_step_for_step_fp32(isa):
+    """On every CPU ISA path this machine runs (an AVX-512 machine also tests the AVX2 code)."""
+    prev = fastdw.set_cpu_isa(isa)
+    try:
+        train_step_for_step("efficientnet_b0")
+    finally:
+        fastdw.set_cpu_isa(prev)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

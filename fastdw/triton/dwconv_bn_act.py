@@ -111,6 +111,21 @@ def _act_bwd(u, g, ACT):
 
 
 @triton.jit
+def _fold(hi, lo, blk):
+    """(hi, lo) += blk by TwoSum (Knuth). The per-channel sums of a program are built in two
+    levels: fp32 blocks of _FOLD_EVERY tile sums (each a tree sum over the tile), folded into an
+    unevaluated (hi, lo) pair that keeps about twice fp32's precision; fp64 arithmetic would be
+    slow on most GPUs. The pair leaves the program as float64 and the host adds the programs'
+    rows in float64, in a fixed order."""
+    t = hi + blk
+    bp = t - hi
+    return t, lo + ((hi - (t - bp)) + (blk - bp))
+
+
+_FOLD_EVERY = tl.constexpr(16)  # tile sums per fp32 block
+
+
+@triton.jit
 def _tile_coords(t, OH, OW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Tile index t over (n, tile row, tile column) -> (n, rows, cols) of its BLOCK_H*BLOCK_W
     positions (row-major inside the tile)."""
@@ -201,7 +216,7 @@ def _dwconv_bwd_gu_kernel(
 ):
     """Program (split s, channel block): every NSPLIT-th output tile from s on. Recomputes
     u = conv(x)*scale + shift, g = act'(u)*dy; stores gc = g*scale (fp32); writes
-    PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift).
+    PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift), float64.
     TRAIN (batch-statistics BatchNorm): conv is centred on the batch mean CEN (u = (conv - CEN) *
     scale + shift, and the dscale sum is of g*(conv - CEN)), and gc = g*scale + LIN*(conv - CEN) +
     CST, the gradient of z through the batch statistics."""
@@ -215,8 +230,13 @@ def _dwconv_bwd_gu_kernel(
         cen = tl.load(CEN + c, mask=cm, other=0.0)
         lin = tl.load(LIN + c, mask=cm, other=0.0)
         cst = tl.load(CST + c, mask=cm, other=0.0)
-    ds = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ds = tl.zeros([BLOCK_C], dtype=tl.float32)  # fp32 blocks, folded into (hi, lo) pairs
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ds_hi = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ds_lo = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db_hi = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db_lo = tl.zeros([BLOCK_C], dtype=tl.float32)
+    it = 0
     ntiles = N * tl.cdiv(OH, BLOCK_H) * tl.cdiv(OW, BLOCK_W)
     for t in range(s, ntiles, NSPLIT):
         n, oh, ow = _tile_coords(t, OH, OW, BLOCK_H, BLOCK_W)
@@ -239,6 +259,12 @@ def _dwconv_bwd_gu_kernel(
         if NEED_RED:
             ds += tl.sum(g * zc, axis=0)
             db += tl.sum(g, axis=0)
+            it += 1
+            if it % _FOLD_EVERY == 0:
+                ds_hi, ds_lo = _fold(ds_hi, ds_lo, ds)
+                db_hi, db_lo = _fold(db_hi, db_lo, db)
+                ds = tl.zeros([BLOCK_C], dtype=tl.float32)
+                db = tl.zeros([BLOCK_C], dtype=tl.float32)
         if STORE_GC:
             gc = g
             if HAS_SCALE:
@@ -247,8 +273,10 @@ def _dwconv_bwd_gu_kernel(
                 gc = gc + (lin[None, :] * zc + cst[None, :])
             tl.store(GC + n.to(tl.int64) * sgn + (oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], gc, mask=m)
     if NEED_RED:
-        tl.store(PART + (s * 2) * C + c, ds, mask=cm)
-        tl.store(PART + (s * 2 + 1) * C + c, db, mask=cm)
+        ds_hi, ds_lo = _fold(ds_hi, ds_lo, ds)
+        db_hi, db_lo = _fold(db_hi, db_lo, db)
+        tl.store(PART + (s * 2) * C + c, ds_hi.to(tl.float64) + ds_lo.to(tl.float64), mask=cm)
+        tl.store(PART + (s * 2 + 1) * C + c, db_hi.to(tl.float64) + db_lo.to(tl.float64), mask=cm)
 
 
 @triton.jit(do_not_specialize=["C_BUCKET", "HW_BUCKET"])
@@ -264,11 +292,14 @@ def _dwconv_bwd_dx_kernel(
 ):
     """Program (split s, channel block): every NSPLIT-th input tile from s on.
     dx[i] = sum_t w[t] * gc[o], dweight[t] += x[i] * gc[o], where o*stride = i + pad - t*dil.
-    Writes PART[s, t, c] (t < KH*KW) = this program's dweight sums."""
+    Writes PART[s, t, c] (t < KH*KW) = this program's dweight sums, float64."""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     s, c, cm = _program_coords(C, BLOCK_C)
     taps = tl.arange(0, KKP)
-    dw = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)  # fp32 block, folded into (dw_hi, dw_lo)
+    dw_hi = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)
+    dw_lo = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)
+    it = 0
     ntiles = N * tl.cdiv(H, BLOCK_H) * tl.cdiv(W, BLOCK_W)
     for t in range(s, ntiles, NSPLIT):
         n, ih, iw = _tile_coords(t, H, W, BLOCK_H, BLOCK_W)
@@ -302,8 +333,14 @@ def _dwconv_bwd_dx_kernel(
         if NEED_DX:
             tl.store(DX + n.to(tl.int64) * sdn + (ih * sdh + iw * sdw)[:, None] + (c * sdc)[None, :],
                      acc.to(DX.dtype.element_ty), mask=m)
+        if NEED_DW:
+            it += 1
+            if it % _FOLD_EVERY == 0:
+                dw_hi, dw_lo = _fold(dw_hi, dw_lo, dw)
+                dw = tl.zeros([KKP, BLOCK_C], dtype=tl.float32)
     if NEED_DW:
-        tl.store(PART + (s * KKP + taps[:, None]) * C + c[None, :], dw,
+        dw_hi, dw_lo = _fold(dw_hi, dw_lo, dw)
+        tl.store(PART + (s * KKP + taps[:, None]) * C + c[None, :], dw_hi.to(tl.float64) + dw_lo.to(tl.float64),
                  mask=(taps[:, None] < KH * KW) & cm[None, :])
 
 
@@ -317,31 +354,50 @@ def _dwconv_train_stats_kernel(
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (split s, channel block): every NSPLIT-th output tile from s on. Per tile, the
-    count, mean and M2 = sum (z - mean)^2 of z = conv(x) (two passes over the tile in registers),
-    merged into the program's running (n, mean, M2) by Chan et al.'s formula; writes
-    PART[s, 0..2, c] = (n, mean, M2). No sum / sum-of-squares cancellation."""
+    """Program (split s, channel block): every NSPLIT-th output tile from s on. The count, mean
+    and M2 = sum (z - mean)^2 of z = conv(x); writes PART[s, 0..2, c] = (n, mean, M2) in float64.
+      mean = s1 / n, s1 = sum z: its terms cancel to much less than themselves (a mean next to a
+        large spread), so it is kept per tile position as (hi, lo) pairs updated by TwoSum at
+        every tile, reduced over the positions in float64 at the end;
+      M2 = s2 - n (mean - k)^2, s2 = sum (z - k)^2 with k the first tile's mean (no sum /
+        sum-of-squares cancellation while k is near the mean); positive terms: fp32 blocks of
+        tile sums folded into (hi, lo) (_fold). (s1 is not taken of z - k: rounding z - k to
+        fp32 drops k's low bits the same way for every term, a bias that grows with n.)"""
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     s, c, cm = _program_coords(C, BLOCK_C)
-    cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    cnt = 0
+    k = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s1_hi = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s1_lo = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2_hi = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2_lo = tl.zeros([BLOCK_C], dtype=tl.float32)
+    it = 0
     ntiles = N * tl.cdiv(OH, BLOCK_H) * tl.cdiv(OW, BLOCK_W)
     for t in range(s, ntiles, NSPLIT):
         n, oh, ow = _tile_coords(t, OH, OW, BLOCK_H, BLOCK_W)
         pm = (oh < OH) & (ow < OW)
         acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
                          KH, KW, BLOCK_P, BLOCK_C)
-        nb = tl.sum(pm.to(tl.float32), axis=0)  # >= 1: every tile holds an output position
-        mb = tl.sum(tl.where(pm[:, None], acc, 0.0), axis=0) / nb
-        d = tl.where(pm[:, None], acc - mb[None, :], 0.0)
-        qb = tl.sum(d * d, axis=0)
-        tot = cnt + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + qb + delta * delta * (cnt * nb / tot)
-        cnt = tot
-    tl.store(PART + (s * 3) * C + c, cnt, mask=cm)
+        nb = tl.sum(pm.to(tl.int32), axis=0)  # >= 1: every tile holds an output position
+        if it == 0:
+            k = tl.sum(tl.where(pm[:, None], acc, 0.0), axis=0) / nb.to(tl.float32)
+        s1_hi, s1_lo = _fold(s1_hi, s1_lo, tl.where(pm[:, None], acc, 0.0))
+        d = tl.where(pm[:, None], acc - k[None, :], 0.0)
+        s2 += tl.sum(d * d, axis=0)
+        cnt += nb
+        it += 1
+        if it % _FOLD_EVERY == 0:
+            s2_hi, s2_lo = _fold(s2_hi, s2_lo, s2)
+            s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2_hi, s2_lo = _fold(s2_hi, s2_lo, s2)
+    n64 = tl.maximum(cnt, 1).to(tl.float64)
+    t1 = tl.sum(s1_hi.to(tl.float64), axis=0) + tl.sum(s1_lo.to(tl.float64), axis=0)
+    t2 = s2_hi.to(tl.float64) + s2_lo.to(tl.float64)
+    mean = t1 / n64
+    e = mean - k.to(tl.float64)
+    m2 = tl.maximum(t2 - n64 * e * e, 0.0)
+    tl.store(PART + (s * 3) * C + c, tl.zeros([BLOCK_C], dtype=tl.float64) + cnt.to(tl.float64), mask=cm)
     tl.store(PART + (s * 3 + 1) * C + c, mean, mask=cm)
     tl.store(PART + (s * 3 + 2) * C + c, m2, mask=cm)
 
@@ -498,7 +554,7 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
     batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
     N, C, H, W = k["N"], k["C"], k["H"], k["W"]
     ns = _num_splits(x, N * OH * OW, _cprog(k))
-    part = torch.empty((ns, 2, C), dtype=torch.float32, device=x.device) if need_red else gc
+    part = torch.empty((ns, 2, C), dtype=torch.float64, device=x.device) if need_red else gc
     cen, lin, cst = train if train is not None else (k["wt"],) * 3
 
     def grid(meta):
@@ -520,12 +576,12 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
 
 def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw):
     """The dx kernel from gc (the gradient of the conv output): fills dx (when need_dx) and
-    returns dweight as (C, KH*KW) fp32 (when need_dw, else None)."""
+    returns dweight as (C, KH*KW) float64 (when need_dw, else None)."""
     N, C, H, W = k["N"], k["C"], k["H"], k["W"]
     KK = k["KH"] * k["KW"]
     KKP = _next_pow2(KK)
     ns = _num_splits(x, N * H * W, _cprog(k))
-    part = torch.empty((ns, KKP, C), dtype=torch.float32, device=x.device) if need_dw else gc
+    part = torch.empty((ns, KKP, C), dtype=torch.float64, device=x.device) if need_dw else gc
 
     def grid(meta):
         return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
@@ -616,7 +672,7 @@ def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], g
         return y, nan, nan.clone()
     k = _common(x, weight, None, None, stride, padding, dilation, "none")
     ns = _num_splits(x, N * OH * OW, _cprog(k))
-    part = torch.empty((ns, 3, C), dtype=torch.float32, device=x.device)
+    part = torch.empty((ns, 3, C), dtype=torch.float64, device=x.device)
 
     def grid(meta):
         return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
@@ -629,13 +685,14 @@ def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], g
         k["C_BUCKET"], _next_pow2(OH * OW),
         SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
     )
-    pd = part.double()
-    cnt, pm, pq = pd[:, 0], pd[:, 1], pd[:, 2]
+    cnt, pm, pq = part[:, 0], part[:, 1], part[:, 2]
     total = cnt.sum(dim=0)
     mean_d = (cnt * pm).sum(dim=0) / total
     var_d = (pq.sum(dim=0) + (cnt * (pm - mean_d).square()).sum(dim=0)) / total
     mean, var = mean_d.float(), var_d.float()
-    scale = _f32_or(gamma, x, 1.0) * torch.rsqrt(var + eps)
+    # invstd in double from the returned (rounded) variance, as the backward computes it
+    invstd = torch.rsqrt(var.double() + eps)
+    scale = ((gamma.double() * invstd) if gamma is not None else invstd).float()
     y = _fwd_launch(x, weight, scale, beta, stride, padding, dilation, act, center=mean)
     return y, (mean + bias.float() if bias is not None else mean), var
 
@@ -662,11 +719,12 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
     db = torch.zeros((C,), dtype=torch.float32, device=x.device)
     M = N * OH * OW
     if M > 0 and C > 0:
-        invstd = torch.rsqrt(var.float() + eps)
-        g = _f32_or(gamma, x, 1.0)
+        # the per-channel algebra in float64 (invstd, the sums, the dz coefficients); fp32 to the kernels
+        invstd = torch.rsqrt(var.float().double() + eps)
+        g = _f32_or(gamma, x, 1.0).double()
         center = mean.float().contiguous()
         scale = g * invstd
-        k = _common(x, weight, scale, _f32_or(beta, x, 0.0), stride, padding, dilation, act)
+        k = _common(x, weight, scale.float(), _f32_or(beta, x, 0.0), stride, padding, dilation, act)
         part = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                           store_gc=False, need_red=True, train=(center, center, center))
         S, B = part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
@@ -674,11 +732,11 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
         if need_dx or need_dw:
             lin = -(g * invstd.pow(3) * S)
             if grad_var is not None:
-                lin = lin + 2.0 * grad_var.float()
+                lin = lin + 2.0 * grad_var.double()
             cst = -(scale * B)
             if grad_mean is not None:
-                cst = cst + grad_mean.float()
-            lin, cst = (lin / M).contiguous(), (cst / M).contiguous()
+                cst = cst + grad_mean.double()
+            lin, cst = (lin / M).float().contiguous(), (cst / M).float().contiguous()
             gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=torch.float32, device=x.device)
             _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                        store_gc=True, need_red=False, train=(center, lin, cst))
