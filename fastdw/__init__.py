@@ -10,18 +10,29 @@ from .version import __version__
 
 
 def _check_torch_abi() -> None:
-    """A binary build links torch's C++ ABI: under another torch major.minor, loading _C would fail
-    with an undefined symbol (or worse). Say what is wrong instead."""
+    """A binary build links torch's C++ ABI, which only the very torch build it was compiled against
+    is sure to have: under another torch, loading _C fails with an undefined symbol, or loads and
+    misbehaves. Say what is wrong instead. The build records torch's version and git commit
+    (_build_config.py, written by setup.py): another major.minor, or the same version number from
+    another commit (a nightly, a local build), is refused."""
     try:
-        from ._build_config import TORCH_VERSION as built
+        from . import _build_config as bc
     except ImportError:  # a source tree that was never built: nothing to check
         return
+    built, built_git = bc.TORCH_VERSION, getattr(bc, "TORCH_GIT_VERSION", None)
+    running_git = getattr(_torch.version, "git_version", None)
     mm = lambda v: tuple(v.split("+")[0].split(".")[:2])  # noqa: E731
+    fix = ("Install the fastdw wheel built for your torch, or rebuild: "
+           "pip install --no-build-isolation --no-deps .")
     if mm(built) != mm(_torch.__version__):
         raise ImportError(
             f"fastdw {__version__} was built against torch {built}, but torch {_torch.__version__} is "
-            f"installed; its compiled kernels only load under torch {'.'.join(mm(built))}.x. Install the "
-            f"fastdw wheel built for your torch, or rebuild: pip install --no-build-isolation --no-deps .")
+            f"installed; its compiled kernels only load under torch {'.'.join(mm(built))}.x. {fix}")
+    if built_git and running_git and built_git != running_git:
+        raise ImportError(
+            f"fastdw {__version__} was built against torch {built} (git {built_git[:12]}), but the torch "
+            f"installed is {_torch.__version__} (git {running_git[:12]}): another build of torch, whose C++ "
+            f"ABI the compiled kernels may not match. {fix}")
 
 
 _check_torch_abi()

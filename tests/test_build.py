@@ -53,7 +53,10 @@ def test_cuda_extension_was_not_silently_skipped():
     assert info["with_cuda"], f"nvcc is at {_nvcc()} but fastdw was built without CUDA: {info}"
     assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
     archs = set(info["cuda_archs"])
-    wanted = os.environ.get("FASTDW_CUDA_ARCHS")
+    from fastdw import _build_config as bc
+
+    # an explicit arch list at build time (scripts/device_build.sh: 9.0 only) replaces the default
+    wanted = os.environ.get("FASTDW_CUDA_ARCHS") or getattr(bc, "CUDA_ARCHS_REQUESTED", None)
     if not wanted and not torch.cuda.is_available():
         assert {"8.0", "9.0"} <= archs, archs
 
@@ -147,6 +150,28 @@ def test_import_under_another_torch_is_a_clear_error(tmp_path):
     assert r.returncode != 0
     assert "ImportError: fastdw" in r.stderr and "built against torch 1.13.1+cu117" in r.stderr, r.stderr[-2000:]
     assert "undefined symbol" not in r.stderr
+
+
+def test_import_under_another_torch_build_is_a_clear_error(tmp_path):
+    """The same torch version number from another commit (a nightly, a local build) is refused too:
+    the build records torch's git version."""
+    root = Path(__file__).resolve().parents[1]
+    pkg = tmp_path / "fastdw"
+    shutil.copytree(root / "fastdw", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__", "_build_config.py"))
+    (pkg / "_build_config.py").write_text(f"TORCH_VERSION = {torch.__version__!r}\n"
+                                          "TORCH_GIT_VERSION = '0123456789abcdef0123456789abcdef01234567'\n"
+                                          "CUDA_VERSION = None\nCUDA_ARCHS = []\nVERSION = '0.1.0'\n")
+    r = subprocess.run([sys.executable, "-c", "import fastdw"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "ImportError: fastdw" in r.stderr and "(git 0123456789ab)" in r.stderr, r.stderr[-2000:]
+    assert "another build of torch" in r.stderr
+
+
+def test_build_records_the_torch_build():
+    from fastdw import _build_config as bc
+
+    assert bc.TORCH_VERSION == torch.__version__
+    assert bc.TORCH_GIT_VERSION == torch.version.git_version
 
 
 def test_arch_compatibility_rule():
