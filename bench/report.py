@@ -27,7 +27,7 @@ from fastdw.layers import NETWORKS  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 BASELINES = ("eager", "eager_folded", "compile", "compile_max")
-FASTDW = ("fastdw_cuda", "fastdw_triton")
+FASTDW = ("fastdw_cuda", "fastdw_triton", "fastdw_cpu")  # fastdw_cpu: a CPU rehearsal (bench --dry)
 
 
 def newest(results_dir: Path = ROOT / "bench" / "results") -> Path:

@@ -31,6 +31,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -504,9 +505,10 @@ def git(*args) -> str:
         return ""
 
 
-def clone_gbps() -> float:
-    x = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()  # 1 GiB
-    t = time_cuda(lambda: x.clone(), repeats=20, warmup=3)
+def clone_gbps(device: str = "cuda") -> float:
+    n = (1 << 29) if device == "cuda" else (1 << 25)  # 1 GiB on a GPU; 64 MiB for a CPU rehearsal
+    x = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    t = time_fn(lambda: x.clone(), torch.device(device), 20 if device == "cuda" else 5, 3 if device == "cuda" else 1)
     return 2 * x.numel() * x.element_size() / (t.median_ms * 1e-3) / 1e9
 
 
@@ -520,6 +522,13 @@ def driver_version() -> str:
 
 
 def environment() -> dict:
+    if not torch.cuda.is_available():  # a CPU rehearsal (--dry): same fields, no GPU
+        return {"schema": "fastdw-results/1", "commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+                "device": f"cpu (dry run: {platform.processor() or platform.machine()})", "sm": "", "driver": "",
+                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": "", "triton": "",
+                             "python": platform.python_version(), "fastdw": fastdw.__version__},
+                "date": dt.date.today().isoformat(), "fastdw_build": fastdw.build_info(), "dry_run": True}
     props = torch.cuda.get_device_properties(0)
     try:
         import triton
@@ -539,6 +548,8 @@ def environment() -> dict:
                      "python": platform.python_version(), "fastdw": fastdw.__version__},
         "date": dt.date.today().isoformat(),
         "fastdw_build": fastdw.build_info(),
+        # FASTDW_TRITON_AUTOTUNE=0 pins the Triton kernels' first config (gpu_check.sh's first call)
+        "triton_autotune": os.environ.get("FASTDW_TRITON_AUTOTUNE", "1") != "0",
     }
 
 
@@ -611,20 +622,34 @@ def main(argv=None) -> int:
                     help="stop starting compile_max rows (slow autotuning) once this many seconds have passed")
     ap.add_argument("--out", help="results JSON (default bench/results/<date>-<gpu>-<sha>.json)")
     ap.add_argument("--list", action="store_true", help="print the cases of the sweep and exit")
+    ap.add_argument("--dry", action="store_true",
+                    help="CPU rehearsal of the sweep's harness (no GPU): fastdw's CPU kernels and the eager "
+                         "providers on the sweep's first 3 layers at N=1 in fp32, a few repeats; same JSON "
+                         "format, marked dry_run. Not a benchmark.")
     args = ap.parse_args(argv)
     sweep = build_sweep(args)
+    if args.dry:
+        gpu_only = [p for p in sweep.providers if p in ("fastdw_cuda", "fastdw_triton", "compile_max")]
+        if gpu_only:
+            print(f"[dry] skipping GPU providers {gpu_only}; adding fastdw_cpu", flush=True)
+        provs = tuple(p for p in sweep.providers if p not in gpu_only) + ("fastdw_cpu",)
+        sweep = Sweep(sweep.nets, (1,), ("float32",), sweep.layouts, provs, sweep.modes, (), (), (), ())
+        args.repeats = min(args.repeats, 3)
     cases = layer_cases(sweep)
+    if args.dry:
+        cases = cases[:3]
     if args.list:
         for c in cases:
             print(c.name)
         print(f"{len(cases)} layer cases x {len(sweep.providers)} providers x {len(sweep.modes)} modes; "
               f"models: {list(sweep.model_nets)} at N {list(sweep.model_Ns)}")
         return 0
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.dry:
         print("fastdw.bench: no CUDA GPU is visible on this machine. The GPU sweeps need one; on a CPU use "
               "`pytest bench/bench_cpu.py` (fastdw's CPU kernels vs PyTorch) or `python -m fastdw`.",
               file=sys.stderr)
         return 2
+    device = "cpu" if args.dry else "cuda"
     torch.backends.cudnn.benchmark = True
     env = environment()
     print(f"{env['device']} (sm_{env['sm']}), driver {env['driver']}; " +
@@ -636,7 +661,7 @@ def main(argv=None) -> int:
     if len(providers) != len(sweep.providers):
         print(f"(skipping providers without a backend here: {sorted(set(sweep.providers) - set(providers))}; "
               f"backends {avail})", flush=True)
-    env["clone_gbps"] = clone_gbps()
+    env["clone_gbps"] = clone_gbps(device)
     print(f"clone bandwidth {env['clone_gbps']:.0f} GB/s", flush=True)
     res = dict(env, layers=[], models=[])
     out = Path(args.out) if args.out else default_out(env)
@@ -645,7 +670,7 @@ def main(argv=None) -> int:
     prog = Progress(len(cases) + len(model_jobs))
     t0 = time.time()
     for c in cases:
-        lb = LayerBench(c)
+        lb = LayerBench(c, device=device)
         parts = []
         for mode in sweep.modes:
             for p in providers:
@@ -654,11 +679,12 @@ def main(argv=None) -> int:
                 row = lb.measure(p, mode, repeats=args.repeats)
                 if row is not None:
                     res["layers"].append(row)
-                    if p == "fastdw_cuda" or p == "eager":
+                    if p in ("fastdw_cuda", "fastdw_cpu", "eager"):
                         parts.append(f"{p[:6]}/{mode[:3]} {row['median_us']:.1f}" if row["median_us"] else
                                      f"{p[:6]}/{mode[:3]} -")
         del lb
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         prog.step(c.name, " ".join(parts))
         out.write_text(json.dumps(res, indent=1))  # partial results survive an interrupted run
     for net, N, mode in model_jobs:

@@ -303,3 +303,20 @@ def opcheck_samples(dtype=torch.float32, device="cpu", configs=OPCHECK_CONFIGS):
                     sid = (f"{dtype_id(dtype)}-{layout}-{'grad' if rg else 'nograd'}-{'ss' if ss else 'noss'}-"
                            f"k{k[0]}x{k[1]}s{s[0]}{s[1]}p{p[0]}{p[1]}d{d[0]}{d[1]}-{act}")
                     yield sid, (x, w, sc, sh, list(s), list(p), list(d), act)
+
+
+# ------------------------------------------------------------------------------------------
+# Every test that needs a GPU carries the `gpu` marker, whichever way it says so (the cuda
+# device parameter, requires_cuda, a module's own skipif), so `pytest -m gpu` on a GPU machine
+# runs exactly the GPU suite (scripts/gpu_check.sh full).
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            continue
+        for m in item.iter_markers("skipif"):
+            reason = str(m.kwargs.get("reason", ""))
+            if "CUDA device" in reason or "needs a GPU" in reason:
+                item.add_marker(pytest.mark.gpu)
+                break
