@@ -53,6 +53,26 @@ FASTDW_HD T act_fwd(T u) {
   }
 }
 
+// act_fwd for a result that is rounded to fp16 / bf16 next (11 / 8 significant bits): hardswish
+// multiplies by 1/6 instead of dividing, silu uses the GPU's approximate exp2 and reciprocal
+// (MUFU: a few fp32 ulps, far below the 16-bit rounding) instead of the exact expf and division
+// (about 20 instructions per element). Same NaN propagation and limits; fp32 results keep
+// act_fwd.
+template <Act A>
+FASTDW_HD float act_fwd_lowp(float u) {
+  if constexpr (A == Act::Hardswish) {
+    return u * clamp_nan(u + 3.f, 0.f, 6.f) * (1.f / 6.f);
+  } else if constexpr (A == Act::Silu) {
+#ifdef __CUDA_ARCH__
+    return __fdividef(u, 1.f + __expf(-u));
+#else
+    return u / (1.f + std::exp(-u));
+#endif
+  } else {
+    return act_fwd<A>(u);
+  }
+}
+
 template <Act A, typename T>
 FASTDW_HD T act_bwd(T u, T g) {
   if constexpr (A == Act::None) {

@@ -60,7 +60,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_train_bwd(
 std::string emulated_fwd_path(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   GpuFwdPlan g = plan_fwd(x, weight, c10::nullopt, c10::nullopt, stride, padding, dilation, "none");
-  switch (g.path) {
+  const char* tile = g.choice.tile == kern::WinTile::Strip ? "strip" : "single";
+  switch (g.choice.path) {
+    case kern::FwdPath::Win3S1: return std::string("nhwc_win3s1_") + tile;
+    case kern::FwdPath::Win3S2: return std::string("nhwc_win3s2_") + tile;
+    case kern::FwdPath::Nchw3S1: return "nchw_win3s1";
+    case kern::FwdPath::Nchw3S2: return "nchw_win3s2";
     case kern::FwdPath::NhwcVec3: return "nhwc_vec3";
     case kern::FwdPath::NhwcVec5: return "nhwc_vec5";
     case kern::FwdPath::NhwcVec7: return "nhwc_vec7";

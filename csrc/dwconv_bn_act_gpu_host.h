@@ -19,12 +19,19 @@
 namespace fastdw {
 
 struct GpuFwdPlan {
-  at::Tensor x, out, wt, scale, shift;
+  at::Tensor x, out;
+  at::Tensor packed;        // (KH*KW + 2, C) fp32: weight taps, scale, shift (kern::PackParams)
+  at::Tensor scale, shift;  // set_affine's fp32 copies (training), else undefined
   kern::Args args{};
-  kern::FwdPath path = kern::FwdPath::General;
+  kern::PackArgs pack{};
+  bool packed_done = false;  // the pack kernel has been scheduled
+  kern::FwdChoice choice{};
 };
 
-// The per-channel affine of a plan as fp32 copies (absent: scale 1, shift 0), and its pointers.
+inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::kBFloat16 ? 2 : 0); }
+
+// Replaces the per-channel affine of a plan (training: scale = gamma * invstd and shift = beta,
+// computed on the device) by fp32 contiguous copies; absent: scale 1, shift 0.
 inline void set_affine(GpuFwdPlan& g, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
   DwConvParams& p = g.args.p;
   const auto f32 = g.x.options().dtype(at::kFloat);
@@ -46,16 +53,49 @@ inline GpuFwdPlan plan_fwd(const at::Tensor& x_in, const at::Tensor& weight,
   const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   g.x = x_in.contiguous(fmt);
   g.out = at::empty({p.N, p.C, p.OH, p.OW}, g.x.options().memory_format(fmt));
-  g.wt = weight.reshape({p.C, p.KH * p.KW}).to(at::kFloat).t().contiguous();  // (T, C)
+  // One buffer for every per-channel parameter, filled by one kernel (ensure_packed) from the
+  // tensors as they are (any strides, fp32 or x's dtype): no cast or transpose launches per call.
+  const int64_t T = p.KH * p.KW;
+  g.packed = at::empty({(T + 2) * p.C}, g.x.options().dtype(at::kFloat));
+  float* pk = g.packed.data_ptr<float>();
+  kern::PackArgs& pa = g.pack;
+  pa.w = weight.const_data_ptr();
+  pa.w_sc = weight.stride(0);
+  pa.w_sh = weight.stride(2);
+  pa.w_sw = weight.stride(3);
+  pa.w_dtype = dtype_code(weight.scalar_type());
+  const bool has_scale = scale.has_value() && scale->defined(), has_shift = shift.has_value() && shift->defined();
+  pa.scale = has_scale ? scale->const_data_ptr() : nullptr;
+  pa.scale_stride = has_scale ? scale->stride(0) : 0;
+  pa.scale_dtype = has_scale ? dtype_code(scale->scalar_type()) : 0;
+  pa.shift = has_shift ? shift->const_data_ptr() : nullptr;
+  pa.shift_stride = has_shift ? shift->stride(0) : 0;
+  pa.shift_dtype = has_shift ? dtype_code(shift->scalar_type()) : 0;
+  pa.C = p.C;
+  pa.KH = p.KH;
+  pa.KW = p.KW;
+  pa.out = pk;
   p.x_ptr = g.x.const_data_ptr();
   p.out_ptr = g.out.data_ptr();
-  p.weight_ptr = g.wt.const_data_ptr();
-  g.args.wt = g.wt.const_data_ptr<float>();
-  set_affine(g, scale, shift);
+  p.weight_ptr = pk;
+  p.scale_ptr = pk + T * p.C;
+  p.shift_ptr = pk + (T + 1) * p.C;
+  g.args.wt = pk;
+  g.args.scale = pk + T * p.C;
+  g.args.shift = pk + (T + 1) * p.C;
   const bool aligned16 = reinterpret_cast<uintptr_t>(p.x_ptr) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(p.out_ptr) % 16 == 0;
-  g.path = kern::select_fwd_path(p, static_cast<int>(g.x.element_size()), aligned16);
+  g.choice = kern::select_fwd_path(p, static_cast<int>(g.x.element_size()), aligned16);
   return g;
+}
+
+// Launches the pack kernel of a plan once, before the first kernel that reads its parameters.
+template <typename Exec>
+void ensure_packed(GpuFwdPlan& g, Exec&& exec) {
+  if (g.packed_done) return;
+  g.packed_done = true;
+  const DwConvParams& p = g.args.p;
+  exec(kern::PackParams{}, g.pack, (p.KH * p.KW + 2) * p.C);
 }
 
 struct GpuBwdPlan {
@@ -131,18 +171,53 @@ inline void gpu_dtype_switch(at::ScalarType t, F&& f) {
 }
 
 // The launches of the forward, in order: exec(Tag{}, args, n_threads). exec is the CUDA launcher
-// (cuda_exec.cuh) or the CPU emulation loop.
-template <typename Exec>
-void schedule_fwd(const GpuFwdPlan& g, Exec&& exec) {
+// (cuda_exec.cuh) or the CPU emulation loop. kCenter: the training forward (args.center set),
+// whose fast-path kernels subtract the batch mean before the scale.
+template <bool kCenter, typename scalar_t, Act A, int S, typename Exec>
+void launch_win(const GpuFwdPlan& g, Exec&& exec) {
+  const DwConvParams& p = g.args.p;
+  constexpr int V = kern::Pack<scalar_t>::kVec;
+  const auto go = [&](auto tag, int th, int tw) {
+    kern::Args a = g.args;
+    a.div_vec = kern::FastDiv(static_cast<uint32_t>(p.C / V));
+    a.div_tw = kern::FastDiv(static_cast<uint32_t>((p.OW + tw - 1) / tw));
+    a.div_th = kern::FastDiv(static_cast<uint32_t>((p.OH + th - 1) / th));
+    exec(tag, a, kern::fwd_win_threads(p, V, th, tw));
+  };
+  if (g.choice.tile == kern::WinTile::Strip) {
+    constexpr int TH = kern::nhwc_strip_h(S), TW = kern::strip_w(S);
+    go(kern::FwdWin<scalar_t, A, 3, S, TH, TW, kCenter>{}, TH, TW);
+  } else {
+    go(kern::FwdWin<scalar_t, A, 3, S, 1, 1, kCenter>{}, 1, 1);
+  }
+}
+
+template <bool kCenter, typename scalar_t, Act A, int S, typename Exec>
+void launch_nchw(const GpuFwdPlan& g, Exec&& exec) {
+  const DwConvParams& p = g.args.p;
+  constexpr int TH = kern::strip_h(S), TW = kern::kNchwTW;
+  kern::Args a = g.args;
+  a.div_tw = kern::FastDiv(static_cast<uint32_t>((p.OW + TW - 1) / TW));
+  a.div_th = kern::FastDiv(static_cast<uint32_t>((p.OH + TH - 1) / TH));
+  exec(kern::FwdNchw<scalar_t, A, 3, S, TH, TW, kCenter>{}, a, kern::fwd_nchw_win_threads(p, TH, TW));
+}
+
+template <bool kCenter = false, typename Exec>
+void schedule_fwd(GpuFwdPlan& g, Exec&& exec) {
   const DwConvParams& p = g.args.p;
   const int64_t n_out = p.N * p.C * p.OH * p.OW;
   if (n_out == 0) return;
+  ensure_packed(g, exec);
   gpu_dtype_switch(g.x.scalar_type(), [&](auto s) {
     using scalar_t = decltype(s);
     act_switch(p.act, [&](auto a) {
       constexpr Act A = decltype(a)::value;
       const int64_t n_vec = kern::fwd_nhwc_vec_threads<scalar_t, kern::kTileW>(p);
-      switch (g.path) {
+      switch (g.choice.path) {
+        case kern::FwdPath::Win3S1: launch_win<kCenter, scalar_t, A, 1>(g, exec); break;
+        case kern::FwdPath::Win3S2: launch_win<kCenter, scalar_t, A, 2>(g, exec); break;
+        case kern::FwdPath::Nchw3S1: launch_nchw<kCenter, scalar_t, A, 1>(g, exec); break;
+        case kern::FwdPath::Nchw3S2: launch_nchw<kCenter, scalar_t, A, 2>(g, exec); break;
         case kern::FwdPath::NhwcVec3: exec(kern::FwdVec<scalar_t, A, 3>{}, g.args, n_vec); break;
         case kern::FwdPath::NhwcVec5: exec(kern::FwdVec<scalar_t, A, 5>{}, g.args, n_vec); break;
         case kern::FwdPath::NhwcVec7: exec(kern::FwdVec<scalar_t, A, 7>{}, g.args, n_vec); break;
@@ -182,6 +257,7 @@ void schedule_bwd_rest(GpuBwdPlan& g, Exec&& exec) {
 template <typename Exec>
 void schedule_bwd(GpuBwdPlan& g, Exec&& exec) {
   const DwConvParams& p = g.f.args.p;
+  ensure_packed(g.f, exec);
   gpu_dtype_switch(g.f.x.scalar_type(), [&](auto s) {
     using scalar_t = decltype(s);
     if (g.n_out > 0) {

@@ -21,14 +21,45 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "activations.h"
 #include "params.h"
+
+// Loops with compile-time trip counts in the fast paths are unrolled on the device (register
+// arrays indexed by constants only); the host compiler (emulation) decides for itself.
+#if defined(__CUDA_ARCH__)
+#define FASTDW_UNROLL _Pragma("unroll")
+#else
+#define FASTDW_UNROLL
+#endif
 
 namespace fastdw {
 namespace kern {
 
 // Parameters of the GPU kernels: the op's sizes plus fp32 copies of the per-channel data.
+// Division of a non-negative int32 n (< 2^31) by a fixed divisor d >= 1 as a multiply-high, an
+// add and a shift (the round-up method of Granlund and Montgomery, as in PyTorch's IntDivider):
+// a runtime int32 division is a ~20-instruction subroutine on the GPU.
+struct FastDiv {
+  uint32_t d = 1, m = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t div) : d(div) {
+    while (shift < 32 && (uint32_t(1) << shift) < d) ++shift;
+    const uint64_t one = 1;
+    m = static_cast<uint32_t>(((one << 32) * ((one << shift) - d)) / d + 1);
+  }
+  FASTDW_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, m);
+#else
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * m) >> 32);
+#endif
+    return (t + n) >> shift;
+  }
+};
+
 struct Args {
   DwConvParams p;
   const float* wt;     // (KH*KW, C): weights transposed so the channel index is contiguous
@@ -41,6 +72,8 @@ struct Args {
   const float* center = nullptr;
   const float* lin = nullptr;
   const float* cst = nullptr;
+  // fwd_nhwc_win's thread decode: channel vectors, column strips, row strips (set by the launcher)
+  FastDiv div_vec, div_tw, div_th;
 };
 
 struct BwdArgs {
@@ -222,6 +255,284 @@ inline int64_t fwd_nhwc_vec_threads(const DwConvParams& p) {
   return p.N * p.OH * ((p.OW + kTileW - 1) / kTileW) * (p.C / Pack<scalar_t>::kVec);
 }
 
+// fp32 values of a 16-byte pack (8 fp16 / bf16 or 4 fp32), one conversion per element.
+template <typename scalar_t>
+FASTDW_HD void unpack(const Pack<scalar_t>& v, float (&out)[Pack<scalar_t>::kVec]) {
+  FASTDW_UNROLL
+  for (int j = 0; j < Pack<scalar_t>::kVec; ++j) out[j] = to_f(v.v[j]);
+}
+
+// kVec consecutive fp32 values with 16-byte loads (p 16-byte aligned).
+template <int V>
+FASTDW_HD void load_f32(const float* p, float (&out)[V]) {
+  static_assert(V % 4 == 0, "16-byte loads of fp32");
+  FASTDW_UNROLL
+  for (int j = 0; j < V; j += 4) {
+    const Pack<float> q = *reinterpret_cast<const Pack<float>*>(p + j);
+    for (int u = 0; u < 4; ++u) out[j + u] = q.v[u];
+  }
+}
+
+// Forward, channels_last fast path: a K x K kernel at stride S, both compile-time, every tap
+// unrolled, no dilation. Thread = one channel vector (kVec channels: one 16-byte load or store) x
+// a strip of kTW output columns x kTH output rows. The thread walks down its strip: input row r of
+// the strip ((kTH-1)*S + K rows in all) goes into slot r % K of a rolling fp32 window of K rows x
+// kCols columns, so each input vector of the strip is loaded and converted once, and a row's loads
+// are issued together before the FMAs that consume them; output row j is computed as soon as its
+// last input row (j*S + K - 1) is in. Taps outside the image read zeros (the padding).
+// A strip whose whole input window lies inside the image (the common case) runs a copy of the
+// body with no bounds tests and compile-time address offsets; border strips test rows, columns
+// and outputs. Thread index: channel vector fastest, then the column strip, then the row strip,
+// then n, so a warp reads 32 consecutive 16-byte vectors (512 B) of one pixel row when
+// C >= 32 * kVec, or the channels of neighbouring pixels for smaller C; weights and the BN
+// affine come from the packed fp32 buffer (PackParams) with 16-byte loads. Offsets are int32: the
+// host sends larger images elsewhere (select_fwd_path).
+// kCenter: u = (z - center) * scale + shift (training: the batch mean kept apart, see Args).
+struct alignas(16) Words16 {
+  uint32_t w[4];
+};
+
+template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter, bool kInterior>
+FASTDW_HD void fwd_nhwc_win_strip(const DwConvParams& p, const scalar_t* xs, scalar_t* ys, int32_t ih0, int32_t iw0,
+                                  int32_t oh0, int32_t ow0, const float (&w)[K * K][Pack<scalar_t>::kVec],
+                                  const float (&sc)[Pack<scalar_t>::kVec], const float (&sh)[Pack<scalar_t>::kVec],
+                                  const float (&ce)[Pack<scalar_t>::kVec]) {
+  using P = Pack<scalar_t>;
+  constexpr int V = P::kVec;
+  constexpr int kCols = (kTW - 1) * S + K;
+  constexpr int kRows = (kTH - 1) * S + K;
+  const int32_t C = static_cast<int32_t>(p.C), H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
+  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
+  // xs: the strip's top-left input (ih0, iw0), ys: its first output (oh0, ow0), at channel c0.
+  // One pointer per window column, advanced by a row each row: one 64-bit add per load.
+  bool col_ok[kCols];
+  const scalar_t* colp[kCols];
+  FASTDW_UNROLL
+  for (int q = 0; q < kCols; ++q) {
+    col_ok[q] = kInterior || (iw0 + q >= 0 && iw0 + q < W);
+    colp[q] = xs + q * C;
+  }
+  const int32_t row_stride = W * C;
+  float win[K][kCols][V];
+  FASTDW_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const bool row_ok = kInterior || (ih0 + r >= 0 && ih0 + r < H);
+    Words16 raw[kCols];
+    FASTDW_UNROLL
+    for (int q = 0; q < kCols; ++q) {  // the row's loads first, then the conversions
+      if (row_ok && col_ok[q]) {
+        raw[q] = *reinterpret_cast<const Words16*>(colp[q]);
+      } else {
+        raw[q] = Words16{{0u, 0u, 0u, 0u}};
+      }
+      colp[q] += row_stride;
+    }
+    FASTDW_UNROLL
+    for (int q = 0; q < kCols; ++q) {
+      P pk;
+      memcpy(&pk, &raw[q], sizeof(P));
+      unpack<scalar_t>(pk, win[r % K][q]);
+    }
+    if (r < K - 1 || (r - (K - 1)) % S != 0) continue;
+    const int jr = (r - (K - 1)) / S;  // the output row this input row completes
+    if (!kInterior && oh0 + jr >= OH) break;  // and every later row of the strip
+    scalar_t* yr = ys + jr * (OW * C);
+    FASTDW_UNROLL
+    for (int tc = 0; tc < kTW; ++tc) {
+      float acc[V];
+      FASTDW_UNROLL
+      for (int v = 0; v < V; ++v) acc[v] = 0.f;
+      FASTDW_UNROLL
+      for (int kh = 0; kh < K; ++kh)
+        FASTDW_UNROLL
+        for (int kw = 0; kw < K; ++kw)
+          FASTDW_UNROLL
+          for (int v = 0; v < V; ++v) acc[v] += w[kh * K + kw][v] * win[(jr * S + kh) % K][tc * S + kw][v];
+      if (kInterior || ow0 + tc < OW) {
+        P out;
+        FASTDW_UNROLL
+        for (int v = 0; v < V; ++v) {
+          const float z = kCenter ? acc[v] - ce[v] : acc[v];
+          const float u = z * sc[v] + sh[v];
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            out.v[v] = act_fwd<A>(u);
+          } else {
+            out.v[v] = static_cast<scalar_t>(act_fwd_lowp<A>(u));
+          }
+        }
+        *reinterpret_cast<P*>(yr + tc * C) = out;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter>
+FASTDW_HD void fwd_nhwc_win(const Args& a, int64_t i) {
+  using P = Pack<scalar_t>;
+  constexpr int V = P::kVec;
+  constexpr int kCols = (kTW - 1) * S + K;
+  constexpr int kRows = (kTH - 1) * S + K;
+  const DwConvParams& p = a.p;
+  const int32_t C = static_cast<int32_t>(p.C), H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
+  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
+  // i = ((n * nth + sh) * ntw + sw) * nvec + cv, decoded with the launcher's FastDivs
+  const uint32_t i0 = static_cast<uint32_t>(i), i1 = a.div_vec.div(i0), i2 = a.div_tw.div(i1), i3 = a.div_th.div(i2);
+  const int32_t cv = static_cast<int32_t>(i0 - i1 * a.div_vec.d), sw = static_cast<int32_t>(i1 - i2 * a.div_tw.d);
+  const int32_t sh = static_cast<int32_t>(i2 - i3 * a.div_th.d);
+  const int64_t n = i3;
+  const int32_t c0 = cv * V, ow0 = sw * kTW, oh0 = sh * kTH;
+  const int32_t iw0 = ow0 * S - static_cast<int32_t>(p.pad_w), ih0 = oh0 * S - static_cast<int32_t>(p.pad_h);
+  const scalar_t* xs = static_cast<const scalar_t*>(p.x_ptr) + n * p.H * p.W * p.C + ((ih0 * W + iw0) * C + c0);
+  scalar_t* ys = static_cast<scalar_t*>(p.out_ptr) + n * p.OH * p.OW * p.C + ((oh0 * OW + ow0) * C + c0);
+
+  float w[K * K][V], sc[V], sh_[V], ce[V];
+  FASTDW_UNROLL
+  for (int tap = 0; tap < K * K; ++tap) load_f32<V>(a.wt + tap * p.C + c0, w[tap]);
+  load_f32<V>(a.scale + c0, sc);
+  load_f32<V>(a.shift + c0, sh_);
+  if constexpr (kCenter) {
+    load_f32<V>(a.center + c0, ce);
+  } else {
+    FASTDW_UNROLL
+    for (int v = 0; v < V; ++v) ce[v] = 0.f;
+  }
+  // A window inside the image also means every output of the strip exists.
+  const bool interior = ih0 >= 0 && ih0 + kRows <= H && iw0 >= 0 && iw0 + kCols <= W;
+  if (interior) {
+    fwd_nhwc_win_strip<scalar_t, A, K, S, kTH, kTW, kCenter, true>(p, xs, ys, ih0, iw0, oh0, ow0, w, sc, sh_, ce);
+  } else {
+    fwd_nhwc_win_strip<scalar_t, A, K, S, kTH, kTW, kCenter, false>(p, xs, ys, ih0, iw0, oh0, ow0, w, sc, sh_, ce);
+  }
+}
+
+// Forward, NCHW (contiguous) fast path: the same rolling-window scheme along W. Thread = one
+// (n, c) plane x a strip of kTW consecutive output columns x kTH output rows; W is the fast axis:
+// consecutive threads take consecutive column strips, so a warp's loads of one input row are
+// consecutive addresses (coalesced; the halo columns are shared with the neighbours through L1).
+// The K*K weights and the affine of the channel are loaded once per thread. Interior strips run
+// without bounds tests; border strips test rows, columns and outputs.
+template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter, bool kInterior>
+FASTDW_HD void fwd_nchw_win_strip(const DwConvParams& p, const scalar_t* xs, scalar_t* ys, int32_t ih0, int32_t iw0,
+                                  int32_t oh0, int32_t ow0, const float (&w)[K * K], float sc, float sh, float ce) {
+  constexpr int kCols = (kTW - 1) * S + K;
+  constexpr int kRows = (kTH - 1) * S + K;
+  const int32_t H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
+  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
+  bool col_ok[kCols];
+  FASTDW_UNROLL
+  for (int q = 0; q < kCols; ++q) col_ok[q] = kInterior || (iw0 + q >= 0 && iw0 + q < W);
+  float win[K][kCols];
+  const scalar_t* xr = xs;
+  FASTDW_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const bool row_ok = kInterior || (ih0 + r >= 0 && ih0 + r < H);
+    FASTDW_UNROLL
+    for (int q = 0; q < kCols; ++q) win[r % K][q] = (row_ok && col_ok[q]) ? to_f(xr[q]) : 0.f;
+    xr += W;
+    if (r < K - 1 || (r - (K - 1)) % S != 0) continue;
+    const int jr = (r - (K - 1)) / S;
+    if (!kInterior && oh0 + jr >= OH) break;
+    scalar_t* yr = ys + jr * OW;
+    FASTDW_UNROLL
+    for (int tc = 0; tc < kTW; ++tc) {
+      float acc = 0.f;
+      FASTDW_UNROLL
+      for (int kh = 0; kh < K; ++kh)
+        FASTDW_UNROLL
+        for (int kw = 0; kw < K; ++kw) acc += w[kh * K + kw] * win[(jr * S + kh) % K][tc * S + kw];
+      if (kInterior || ow0 + tc < OW) {
+        const float u = (kCenter ? acc - ce : acc) * sc + sh;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          yr[tc] = act_fwd<A>(u);
+        } else {
+          yr[tc] = static_cast<scalar_t>(act_fwd_lowp<A>(u));
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter>
+FASTDW_HD void fwd_nchw_win(const Args& a, int64_t i) {
+  constexpr int kCols = (kTW - 1) * S + K;
+  constexpr int kRows = (kTH - 1) * S + K;
+  const DwConvParams& p = a.p;
+  const int32_t H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
+  const int32_t OW = static_cast<int32_t>(p.OW);
+  // i = (plane * nth + sh) * ntw + sw: div_vec is unused (1), div_tw / div_th as in fwd_nhwc_win
+  const uint32_t i0 = static_cast<uint32_t>(i), i1 = a.div_tw.div(i0), i2 = a.div_th.div(i1);
+  const int32_t sw = static_cast<int32_t>(i0 - i1 * a.div_tw.d), sh = static_cast<int32_t>(i1 - i2 * a.div_th.d);
+  const int64_t plane = i2;
+  const int32_t c = static_cast<int32_t>(plane % p.C);
+  const int32_t ow0 = sw * kTW, oh0 = sh * kTH;
+  const int32_t iw0 = ow0 * S - static_cast<int32_t>(p.pad_w), ih0 = oh0 * S - static_cast<int32_t>(p.pad_h);
+  const scalar_t* xs = static_cast<const scalar_t*>(p.x_ptr) + plane * p.H * p.W + (ih0 * W + iw0);
+  scalar_t* ys = static_cast<scalar_t*>(p.out_ptr) + plane * p.OH * p.OW + (oh0 * OW + ow0);
+  float w[K * K];
+  FASTDW_UNROLL
+  for (int tap = 0; tap < K * K; ++tap) w[tap] = a.wt[tap * p.C + c];
+  const float sc = a.scale[c], shv = a.shift[c], ce = kCenter ? a.center[c] : 0.f;
+  const bool interior = ih0 >= 0 && ih0 + kRows <= H && iw0 >= 0 && iw0 + kCols <= W;
+  if (interior) {
+    fwd_nchw_win_strip<scalar_t, A, K, S, kTH, kTW, kCenter, true>(p, xs, ys, ih0, iw0, oh0, ow0, w, sc, shv, ce);
+  } else {
+    fwd_nchw_win_strip<scalar_t, A, K, S, kTH, kTW, kCenter, false>(p, xs, ys, ih0, iw0, oh0, ow0, w, sc, shv, ce);
+  }
+}
+
+inline int64_t fwd_nchw_win_threads(const DwConvParams& p, int th, int tw) {
+  return p.N * p.C * ((p.OH + th - 1) / th) * ((p.OW + tw - 1) / tw);
+}
+
+// The tile of fwd_nhwc_win for a problem: a strip of kTH x kTW outputs per thread when that
+// still gives every SM several blocks (large layers), one output vector per thread otherwise
+// (a 7x7 plane at N=1 would leave most SMs idle).
+enum class WinTile { Strip, Single };
+// Strips of 16 rows (the K-1 halo rows and the per-thread set-up spread over many outputs) by 2
+// columns at stride 1 and 1 column at stride 2 (whose window of 2*(W-1)+K columns would not fit
+// the register file with the training op's center; its budget is looser). NCHW: 16 or 8 rows
+// by kNchwTW columns.
+constexpr int strip_w(int S) { return S == 1 ? 2 : 1; }
+constexpr int strip_h(int S) { return S == 1 ? 16 : 8; }
+constexpr int nhwc_strip_h(int S) { return S == 1 ? 16 : 16; }
+
+// Packs the per-channel parameters once per call into one fp32 buffer read with 16-byte loads:
+// rows 0 .. KK-1 = weight taps (KK, C) (transposed so channels are contiguous), row KK = scale,
+// row KK+1 = shift (absent: 1 and 0). Inputs: weight (C, 1, KH, KW) and scale / shift (C,) with
+// any strides, fp32 or the activation dtype. One thread per packed element.
+struct PackArgs {
+  const void* w;
+  int64_t w_sc, w_sh, w_sw;  // element strides of weight along C, KH, KW
+  int w_dtype;               // 0 fp32, 1 fp16, 2 bf16
+  const void* scale;         // nullptr: 1
+  int64_t scale_stride;
+  int scale_dtype;
+  const void* shift;         // nullptr: 0
+  int64_t shift_stride;
+  int shift_dtype;
+  int64_t C, KH, KW;
+  float* out;  // (KH*KW + 2, C)
+};
+
+FASTDW_HD float load_as_f32(const void* base, int64_t idx, int dtype) {
+  if (dtype == 1) return to_f(static_cast<const c10::Half*>(base)[idx]);
+  if (dtype == 2) return to_f(static_cast<const c10::BFloat16*>(base)[idx]);
+  return static_cast<const float*>(base)[idx];
+}
+
+FASTDW_HD void pack_params(const PackArgs& a, int64_t i) {
+  const int64_t T = a.KH * a.KW, c = i % a.C, row = i / a.C;
+  float v;
+  if (row < T) {
+    v = load_as_f32(a.w, c * a.w_sc + (row / a.KW) * a.w_sh + (row % a.KW) * a.w_sw, a.w_dtype);
+  } else if (row == T) {
+    v = a.scale != nullptr ? load_as_f32(a.scale, c * a.scale_stride, a.scale_dtype) : 1.f;
+  } else {
+    v = a.shift != nullptr ? load_as_f32(a.shift, c * a.shift_stride, a.shift_dtype) : 0.f;
+  }
+  a.out[i] = v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward
 
@@ -340,15 +651,64 @@ FASTDW_HD void bwd_chunks(int64_t rows, int64_t& nchunks, int64_t& rows_per_chun
 }
 
 // The forward path the launcher takes (one rule for the GPU and its emulation).
-enum class FwdPath { General, NhwcVec3, NhwcVec5, NhwcVec7 };
+enum class FwdPath { General, NhwcVec3, NhwcVec5, NhwcVec7, Win3S1, Win3S2, Nchw3S1, Nchw3S2 };
 
-inline FwdPath select_fwd_path(const DwConvParams& p, int elem_size, bool aligned16) {
+// NCHW strips: kNchwTW consecutive outputs along W x strip_h(S) rows.
+constexpr int kNchwTW = 4;
+
+struct FwdChoice {
+  FwdPath path = FwdPath::General;
+  WinTile tile = WinTile::Strip;
+  bool idx64 = false;  // offsets need int64 (an image or the thread count reaches 2^31)
+};
+
+// A strip tile needs at least this many threads (256 blocks of 128: two per SM on a 132-SM GPU),
+// else one output vector per thread. A pure function of the problem, so the emulation takes the
+// same path as the GPU.
+constexpr int64_t kStripMinThreads = 32768;
+
+inline int64_t fwd_win_threads(const DwConvParams& p, int vec, int th, int tw) {
+  return p.N * ((p.OH + th - 1) / th) * ((p.OW + tw - 1) / tw) * (p.C / vec);
+}
+
+inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool aligned16) {
   const int vec = 16 / elem_size;
-  if (!p.channels_last || !aligned16 || p.C % vec != 0 || p.KH != p.KW) return FwdPath::General;
-  if (p.KH == 3) return FwdPath::NhwcVec3;
-  if (p.KH == 5) return FwdPath::NhwcVec5;
-  if (p.KH == 7) return FwdPath::NhwcVec7;
-  return FwdPath::General;
+  FwdChoice ch;
+  const bool k3 = p.KH == 3 && p.KW == 3 && p.dil_h == 1 && p.dil_w == 1 && p.stride_h == p.stride_w &&
+                  (p.stride_h == 1 || p.stride_h == 2);
+  if (!p.channels_last) {
+    const int64_t lim = (int64_t(1) << 31) - 1;
+    const int th = strip_h(p.stride_h == 1 ? 1 : 2);
+    // int32 offsets inside a plane (rows a strip may address past either edge included) and
+    // the thread index
+    const bool fits = (p.H + 2 * (16 * 2 + 3)) * p.W < lim && fwd_nchw_win_threads(p, th, kNchwTW) < lim;
+    if (k3 && fits) {
+      ch.path = p.stride_h == 1 ? FwdPath::Nchw3S1 : FwdPath::Nchw3S2;
+    } else {
+      ch.idx64 = !fits;
+    }
+    return ch;
+  }
+  if (!aligned16 || p.C % vec != 0 || p.KH != p.KW) return ch;
+  const bool win = p.KH == 3 && p.dil_h == 1 && p.dil_w == 1 && p.stride_h == p.stride_w &&
+                   (p.stride_h == 1 || p.stride_h == 2);
+  const int S = p.stride_h == 1 ? 1 : 2;
+  const int64_t strip = fwd_win_threads(p, vec, nhwc_strip_h(S), strip_w(S));
+  const WinTile tile = strip >= kStripMinThreads ? WinTile::Strip : WinTile::Single;
+  const int64_t threads = tile == WinTile::Strip ? strip : fwd_win_threads(p, vec, 1, 1);
+  const int64_t lim = (int64_t(1) << 31) - 1;
+  // fwd_nhwc_win's offsets are int32: inside an image (with the rows a strip may address past
+  // either edge) and the thread index must fit; larger problems take the int64 vector path.
+  ch.idx64 = (p.H + 2 * (16 * 2 + 3)) * p.W * p.C >= lim || p.OH * p.OW * p.C >= lim || threads >= lim;
+  if (win && !ch.idx64) {
+    ch.path = p.stride_h == 1 ? FwdPath::Win3S1 : FwdPath::Win3S2;
+    ch.tile = tile;
+    return ch;
+  }
+  if (p.KH == 3) ch.path = FwdPath::NhwcVec3;
+  else if (p.KH == 5) ch.path = FwdPath::NhwcVec5;
+  else if (p.KH == 7) ch.path = FwdPath::NhwcVec7;
+  return ch;
 }
 
 constexpr int kTileW = 4;
@@ -360,6 +720,19 @@ constexpr int kTileW = 4;
 template <typename scalar_t, Act A, int K>
 struct FwdVec {
   static FASTDW_HD void body(const Args& a, int64_t i) { fwd_nhwc_vec<scalar_t, A, K, kTileW>(a, i); }
+};
+template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter>
+struct FwdWin {
+  static constexpr int kThreads = kTH * kTW > 1 ? 128 : 64;  // small problems: more, smaller blocks
+  static FASTDW_HD void body(const Args& a, int64_t i) { fwd_nhwc_win<scalar_t, A, K, S, kTH, kTW, kCenter>(a, i); }
+};
+template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter>
+struct FwdNchw {
+  static constexpr int kThreads = 128;
+  static FASTDW_HD void body(const Args& a, int64_t i) { fwd_nchw_win<scalar_t, A, K, S, kTH, kTW, kCenter>(a, i); }
+};
+struct PackParams {
+  static FASTDW_HD void body(const PackArgs& a, int64_t i) { pack_params(a, i); }
 };
 template <typename scalar_t, Act A>
 struct FwdGeneral {

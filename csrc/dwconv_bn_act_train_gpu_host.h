@@ -51,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
   kern::train_chunks(p.N * p.OH, p.C / V, nchunks, rpc);
   at::Tensor part = at::empty({nchunks, 3, p.C}, f32.dtype(at::kDouble));
   kern::StatArgs sa{s.args, nullptr, part.data_ptr<double>(), rpc};
+  ensure_packed(s, exec);
   gpu_dtype_switch(s.x.scalar_type(), [&](auto t) {
     using scalar_t = decltype(t);
     if (vec) {
@@ -72,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
   // The statistics plan already holds x, y and the weights: only the affine changes.
   set_affine(s, scale, beta);
   s.args.center = mean.const_data_ptr<float>();
-  schedule_fwd(s, exec);
+  schedule_fwd</*kCenter=*/true>(s, exec);
   return {s.out, present(bias) ? mean + bias->to(at::kFloat) : mean, var};
 }
 
@@ -105,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_train_bwd(
     const at::Tensor scale_d = gam * invstd;
     const at::Tensor scale = scale_d.to(at::kFloat).contiguous();
     const at::Tensor shift = present(beta) ? beta->to(at::kFloat).contiguous() : at::zeros({p.C}, f32);
+    ensure_packed(g.f, exec);
     kern::Args a = g.f.args;
     a.scale = scale.const_data_ptr<float>();
     a.shift = shift.const_data_ptr<float>();

@@ -53,16 +53,92 @@ def test_forward_bodies_match_reference(C, dtype, layout):
 
 def test_forward_path_choice():
     x = torch.randn(2, 16, 9, 9).to(memory_format=torch.channels_last)
-    for k, expected in ((3, "nhwc_vec3"), (5, "nhwc_vec5"), (7, "nhwc_vec7"), (4, "general")):
-        assert PATH(x, torch.randn(16, 1, k, k), [1, 1], [1, 1], [1, 1]) == expected
     w = torch.randn(16, 1, 3, 3)
-    assert PATH(x.contiguous(), w, [1, 1], [1, 1], [1, 1]) == "general"  # NCHW
+    # 3x3 stride 1 / 2 channels_last: the register-window kernel (small problem: one vector a thread)
+    assert PATH(x, w, [1, 1], [1, 1], [1, 1]) == "nhwc_win3s1_single"
+    assert PATH(x.half(), w.half(), [2, 2], [1, 1], [1, 1]) == "nhwc_win3s2_single"
+    big = torch.randn(8, 64, 128, 128).half().to(memory_format=torch.channels_last)  # >= 32768 strip threads
+    assert PATH(big, torch.randn(64, 1, 3, 3).half(), [1, 1], [1, 1], [1, 1]) == "nhwc_win3s1_strip"
+    for k, expected in ((5, "nhwc_vec5"), (7, "nhwc_vec7"), (4, "general")):
+        assert PATH(x, torch.randn(16, 1, k, k), [1, 1], [1, 1], [1, 1]) == expected
+    assert PATH(x, w, [1, 1], [2, 2], [2, 2]) == "nhwc_vec3"  # dilation: not the window kernel
+    # NCHW 3x3 stride 1 / 2: its own window kernel; anything else the general path
+    assert PATH(x.contiguous(), w, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
+    assert PATH(x.contiguous(), w, [2, 2], [1, 1], [1, 1]) == "nchw_win3s2"
+    assert PATH(x.contiguous(), torch.randn(16, 1, 5, 5), [1, 1], [2, 2], [1, 1]) == "general"
     x17 = torch.randn(2, 17, 9, 9).to(memory_format=torch.channels_last)
     assert PATH(x17, torch.randn(17, 1, 3, 3), [1, 1], [1, 1], [1, 1]) == "general"  # C % 4 != 0
-    assert PATH(_layout(torch.randn(2, 16, 9, 9), "sliced_cl"), w, [1, 1], [1, 1], [1, 1]) == "general"  # unaligned
-    assert PATH(x.half(), w.half(), [2, 2], [1, 1], [1, 1]) == "nhwc_vec3"
+    # a channels_last view one channel in is not channels_last-contiguous: by the layout rule it is
+    # made contiguous (NCHW) and takes the NCHW kernel
+    assert PATH(_layout(torch.randn(2, 16, 9, 9), "sliced_cl"), w, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
     x12 = torch.randn(2, 12, 9, 9).half().to(memory_format=torch.channels_last)  # 12 % 8 != 0 in fp16
     assert PATH(x12, torch.randn(12, 1, 3, 3).half(), [1, 1], [1, 1], [1, 1]) == "general"
+
+
+def _win_case(N, C, H, W, s, dtype, layout, act, gen):
+    x = _layout(torch.randn(N, C, H, W, generator=gen).to(dtype), layout)
+    w = torch.randn(C, 1, 3, 3, generator=gen).to(dtype)
+    sc, sh = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    y = EMU_FWD(x, w, sc, sh, [s, s], [1, 1], [1, 1], act)
+    ref = dwconv_bn_act_ref(x, w, sc, sh, s, 1, 1, act)
+    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1)).item() if ref.numel() else 0.0
+    return err, PATH(x, w, [s, s], [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_window_kernels_awkward_shapes(dtype, layout):
+    """The register-window kernels (channels_last and NCHW, 3x3, stride 1 and 2) on planes of every
+    width from 1 to 15 and heights around the strip height (16 rows),
+    where strips straddle the borders, N = 0 and 1, every activation."""
+    gen = torch.Generator().manual_seed(0)
+    fails, paths = [], set()
+    C = 16 if dtype != torch.float32 else 12
+    for W in range(1, 16):
+        for H, N in ((1, 1), (7, 2), (16, 1), (17, 1), (33, 1), (5, 0)):
+            for s in (1, 2):
+                act = ACTS[(W + H + s) % len(ACTS)]
+                err, path = _win_case(N, C, H, W, s, dtype, layout, act, gen)
+                paths.add(path)
+                if not err <= TOL[dtype]:
+                    fails.append(f"N{N} {H}x{W} s{s} {act} {path}: rel err {err:.2e}")
+    want = {"nhwc_win3s1_single", "nhwc_win3s2_single"} if layout == "channels_last" else {"nchw_win3s1",
+                                                                                            "nchw_win3s2"}
+    assert want <= paths, paths
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_window_strip_tile(dtype, s):
+    """The strip tile (16 rows x 2 or 1 columns per thread) on a problem large enough to select it,
+    with a plane whose height and width are not multiples of the strip."""
+    gen = torch.Generator().manual_seed(1)
+    C = 64 if dtype != torch.float32 else 32
+    N, H, W = (8, 131, 130) if s == 1 else (16, 157, 134)
+    err, path = _win_case(N, C, H, W, s, dtype, "channels_last", "relu6", gen)
+    assert path == f"nhwc_win3s{s}_strip"
+    assert err <= TOL[dtype], err
+
+
+def test_packed_parameters_read_any_strides_and_dtypes():
+    """Weight, scale and shift go through one pack kernel that reads them in place: a weight slice
+    with odd strides, scale / shift as strided views, fp16 parameters."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 12, 12, generator=gen).to(memory_format=torch.channels_last)
+    wbig = torch.randn(32, 1, 5, 5, generator=gen)
+    w = wbig[::2, :, 1:4, 1:4]  # (16, 1, 3, 3) with strides (50, 25, 5, 1)
+    sbig, bbig = torch.rand(48, generator=gen) + 0.5, torch.randn(48, generator=gen)
+    sc, sh = sbig[::3], bbig[1::3]
+    for wt, a, b in ((w, sc, sh), (w.half(), sc.half(), sh.half()), (w, None, sh), (w, sc, None)):
+        xx = x.half() if wt.dtype == torch.float16 else x
+        for s in (1, 2):
+            y = EMU_FWD(xx, wt, a, b, [s, s], [1, 1], [1, 1], "silu")
+            ref = dwconv_bn_act_ref(xx, wt, a, b, s, 1, 1, "silu")
+            tol = TOL[xx.dtype]
+            assert ((y.float() - ref).abs().max() / ref.abs().max()).item() <= tol
+            yc = EMU_FWD(xx.contiguous(), wt, a, b, [s, s], [1, 1], [1, 1], "silu")
+            assert ((yc.float() - ref).abs().max() / ref.abs().max()).item() <= tol
 
 
 def test_unaligned_channels_last_input_is_correct():

@@ -1,0 +1,476 @@
+"""The static performance report of fastdw's CUDA kernels, read from their SASS (no GPU needed).
+
+    python scripts/sass_budget.py                  # table for sm_90, every kernel of the built extension
+    python scripts/sass_budget.py --json out.json  # [{"kernel", "arch", "registers", "spill_bytes", ...}]
+    python scripts/sass_budget.py --check          # exit 1 when a budgeted kernel breaks its budget or spills
+    python scripts/sass_budget.py --so PATH --arch 90 --filter Fwd
+
+Why instructions decide the speed (DESIGN.md, "the static budget"): an H200 SM moves about 16.5
+bytes per clock and issues at most 128 thread-instructions per clock, so a kernel moving B bytes per
+output element reaches copy speed only if it spends at most 128 * 16.5 / B thread-instructions per
+element (fp16 stride-1 forward, B = 4: about 31). The budgets below sit well under those ceilings.
+
+For every kernel instantiation in the extension's sm_XX cubins (cuobjdump and nvdisasm: Triton's
+bundled copies, or the CUDA toolkit's): registers, stack / local bytes and spill instructions
+(STL/LDL), threads per block (the launch bound), resident warps per SM (registers, threads and
+shared memory against sm_90's limits), the widths of its global loads and stores, and the
+steady-state thread-instructions per output element:
+  * the region that writes outputs: the innermost loop holding global stores, or the whole
+    function when no loop holds one (fully unrolled bodies);
+  * its instruction count (NOPs and the final self-branch excluded; both arms of a branch counted,
+    i.e. the path where every output is in bounds), loops nested inside it weighted by an
+    estimated trip count (the kernel size K from the kernel's name; marked "est");
+  * divided by the output elements the region stores (store bytes / the output element size).
+Budgets (instructions per output element) come from issue 14 and apply to the kernels named in
+BUDGETS; a fallback path of a class gets 3x its class's fast budget. Backward and training kernels
+are reported without a budget here.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# sm_90 limits (H100 / H200)
+SM_REGS, SM_WARPS, SM_BLOCKS, SM_SMEM = 65536, 64, 32, 228 * 1024
+
+_ACT_NAMES = {0: "none", 1: "relu", 2: "relu6", 3: "hardswish", 4: "silu"}
+_ELEM = {"c10::Half": 2, "c10::BFloat16": 2, "float": 4, "double": 8}
+
+
+def find_tools() -> Tuple[str, str]:
+    """(cuobjdump, directory holding nvdisasm)."""
+    cands = []
+    try:
+        import triton  # noqa: F401
+
+        cands.append(os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends", "nvidia", "bin"))
+    except ImportError:
+        pass
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    cands += [os.path.join(home, "bin")] + os.environ.get("PATH", "").split(os.pathsep)
+    for d in cands:
+        if os.path.exists(os.path.join(d, "cuobjdump")) and os.path.exists(os.path.join(d, "nvdisasm")):
+            return os.path.join(d, "cuobjdump"), d
+    raise SystemExit("sass_budget: needs cuobjdump and nvdisasm (Triton ships both; or a CUDA toolkit with them)")
+
+
+def run(cmd: List[str], env=None) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+
+
+def demangle(names: List[str]) -> Dict[str, str]:
+    if not names:
+        return {}
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out))
+
+
+@dataclass
+class Kernel:
+    kernel: str
+    arch: str
+    mangled: str
+    tag: str = ""
+    dtype: str = ""
+    act: str = ""
+    K: Optional[int] = None
+    S: Optional[int] = None
+    registers: int = 0
+    stack_bytes: int = 0
+    local_bytes: int = 0
+    spill_bytes: int = 0  # local (stack) bytes when the function spills: STL/LDL present
+    spill_instr: int = 0
+    threads_per_block: int = 0
+    shared_bytes: int = 0
+    warps_per_sm: int = 0
+    load_bits: List[int] = field(default_factory=list)
+    store_bits: List[int] = field(default_factory=list)
+    instr_total: int = 0
+    region_instr: float = 0.0
+    outputs_per_region: float = 0.0
+    instr_per_output: Optional[float] = None
+    estimated: bool = False
+    budget: Optional[float] = None
+    fast_path: bool = False
+    ok: Optional[bool] = None
+    note: str = ""
+
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def parse_sass(text: str) -> Dict[str, List[Tuple[int, str]]]:
+    """{mangled function name: [(address, instruction text)]}."""
+    funcs: Dict[str, List[Tuple[int, str]]] = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            funcs[cur] = []
+            continue
+        m = _INSTR.match(line)
+        if m and cur is not None:
+            funcs[cur].append((int(m.group(1), 16), m.group(2)))
+    return funcs
+
+
+def _opcode(ins: str) -> str:
+    s = ins.strip()
+    if s.startswith("@"):
+        s = s.split(None, 1)[1] if " " in s else ""
+    return s.split()[0] if s else ""
+
+
+def _width(op: str) -> int:
+    for w in (128, 64):
+        if f".{w}" in op:
+            return w
+    if ".U8" in op or ".S8" in op:
+        return 8
+    if ".U16" in op or ".S16" in op:
+        return 16
+    return 32
+
+
+def analyse(instrs: List[Tuple[int, str]], elem_bytes: int, K: Optional[int]):
+    """(total, region count, outputs per region, estimated?, load widths, store widths, spill instrs)."""
+    # drop the trailing self-branch and NOP padding
+    body = [(a, i) for a, i in instrs if _opcode(i) != "NOP"]
+    while body and _opcode(body[-1][1]) == "BRA" and body[-1][1].rstrip().endswith(hex(body[-1][0])):
+        body.pop()
+    addrs = [a for a, _ in body]
+    ops = [_opcode(i) for _, i in body]
+    loops = []  # (start index, end index) of backward branches
+    for idx, (a, ins) in enumerate(body):
+        if ops[idx] == "BRA" or ops[idx].startswith("BRA."):
+            m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", ins)
+            tgt = None
+            if m and m.group(1):
+                tgt = int(m.group(1), 16)
+            if tgt is not None and tgt <= a:
+                start = next((j for j, x in enumerate(addrs) if x >= tgt), idx)
+                loops.append((start, idx))
+    is_store = [op.startswith("STG") or op in ("ST.E", "ST") or op.startswith("ST.E") for op in ops]
+    loads = sorted({_width(op) for op in ops if op.startswith("LDG") or op.startswith("LD.E")})
+    stores = sorted({_width(op) for op, st in zip(ops, is_store) if st})
+    spills = sum(1 for op in ops if op.startswith("STL") or op.startswith("LDL"))
+
+    def inner(lo, hi):
+        return [(s, e) for s, e in loops if lo <= s and e <= hi and (s, e) != (lo, hi)]
+
+    def outermost(ls):
+        return [l for l in ls if not any(o != l and o[0] <= l[0] and l[1] <= o[1] for o in ls)]
+
+    est = False
+
+    def count(lo, hi):
+        """(instructions, store bytes) of [lo, hi] with nested loops weighted by K."""
+        nonlocal est
+        nested = outermost(inner(lo, hi))
+        n_ins, n_st = 0.0, 0.0
+        covered = set()
+        for s, e in nested:
+            ci, cs = count(s, e)
+            trips = K or 1
+            est = True
+            n_ins += ci * trips
+            n_st += cs * trips
+            covered.update(range(s, e + 1))
+        for j in range(lo, hi + 1):
+            if j in covered:
+                continue
+            n_ins += 1
+            if is_store[j]:
+                n_st += _width(ops[j]) / 8
+        return n_ins, n_st
+
+    if not loops:  # no loop: the cheapest path from entry to exit among those storing the most outputs
+        best = _dag_best_path(body, ops, is_store)
+        if best is not None:
+            n_ins, n_st = best
+            return len(body), n_ins, n_st / elem_bytes, est, loads, stores, spills
+    store_loops = [l for l in loops if any(is_store[j] for j in range(l[0], l[1] + 1))]
+    innermost = [l for l in store_loops if not any(o != l and l[0] <= o[0] and o[1] <= l[1] for o in store_loops)]
+    if innermost:
+        lo, hi = innermost[0]
+    else:
+        lo, hi = 0, len(body) - 1
+    n_ins, n_st = count(lo, hi)
+    return len(body), n_ins, n_st / elem_bytes, est, loads, stores, spills
+
+
+def _branch_target(ins: str) -> Optional[int]:
+    m = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", ins)
+    return int(m.group(1), 16) if m else None
+
+
+def _dag_best_path(body, ops, is_store) -> Optional[Tuple[float, float]]:
+    """Loop-free code: over the paths from the entry to an EXIT, the one that stores the most bytes,
+    and among those the fewest instructions: (instructions, store bytes). A kernel with an interior
+    fast path and a bounds-checked border path is counted on the interior path (the steady state).
+    None when the control flow is not understood (indirect branches, calls)."""
+    if any(op in ("BRX", "CALL", "RET", "JMX") for op in ops):
+        return None
+    n = len(body)
+    index = {a: j for j, (a, _) in enumerate(body)}
+    # per instruction: (successor indices, terminal?)
+    succ: List[List[int]] = []
+    term: List[bool] = []
+    for j, (a, ins) in enumerate(body):
+        op = ops[j]
+        pred = ins.strip().startswith("@")
+        nxt = [j + 1] if j + 1 < n else []
+        if op == "BRA" or op.startswith("BRA."):
+            tgt = _branch_target(ins)
+            if tgt is None or tgt not in index:
+                return None
+            succ.append(([index[tgt]] + (nxt if pred else [])))
+            term.append(False)
+        elif op == "EXIT":
+            succ.append(nxt if pred else [])
+            term.append(True)
+        else:
+            succ.append(nxt)
+            term.append(False)
+    # states[j]: {store bytes: (fewest instructions, predecessor state)} on arrival at j
+    states: List[Dict[float, Tuple[float, Optional[Tuple[int, float]]]]] = [dict() for _ in range(n)]
+    states[0][0.0] = (0.0, None)
+    done: Dict[float, Tuple[float, Tuple[int, float]]] = {}
+    for j in range(n):
+        if not states[j]:
+            continue
+        sb = _width(ops[j]) / 8 if is_store[j] else 0.0
+        for st, (ins_count, _) in states[j].items():
+            st2, c2 = st + sb, ins_count + 1
+            if term[j]:
+                if c2 < done.get(st2, (float("inf"),))[0]:
+                    done[st2] = (c2, (j, st))
+            for k in succ[j]:
+                if k <= j:
+                    return None  # a backward edge: not loop-free after all
+                if c2 < states[k].get(st2, (float("inf"),))[0]:
+                    states[k][st2] = (c2, (j, st))
+    if not done:
+        return None
+    st = max(done)
+    path, node = [], done[st][1]
+    while node is not None:
+        path.append(node[0])
+        node = states[node[0]][node[1]][1]
+    _LAST_PATH[:] = [ops[j] for j in reversed(path)]
+    return done[st][0], st
+
+
+_LAST_PATH: List[str] = []  # opcodes of the last path _dag_best_path chose (--explain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets (issue 14): instructions per output element, steady state.
+
+def _fast_budget(tag: str, dtype: str, act: str, K: Optional[int], S: Optional[int]) -> Optional[float]:
+    extra = 6 if act in ("hardswish", "silu") else 0
+    if tag == "FwdWin" and dtype in ("c10::Half", "c10::BFloat16"):
+        if K == 3:
+            return (20 if S == 1 else 40) + extra
+        if K == 5:
+            return (45 if S == 1 else 90) + extra
+        if K == 7:
+            return (80 if S == 1 else 160) + extra
+    if tag == "FwdNchw" and dtype == "float":
+        if K == 3:
+            return (35 if S == 1 else 50) + extra
+    return None
+
+
+# Tags whose kernels are a fast path (asserted by --check) and the fallbacks held to 3x their
+# class's fast budget.
+FAST_TAGS = ("FwdWin", "FwdNchw")
+FALLBACK_TAGS = ("FwdWinScalar", "FwdGeneral")
+
+
+def classify(k: Kernel, demangled: str) -> None:
+    m = re.search(r"kern::(\w+)<([^<>]*(?:<[^<>]*>[^<>]*)*)>", demangled)
+    if not m:
+        k.tag = demangled.split("(")[0][-60:]
+        return
+    k.tag = m.group(1)
+    args = [a.strip() for a in re.split(r",(?![^<]*>)", m.group(2))]
+    if args:
+        k.dtype = args[0]
+    am = re.search(r"\(fastdw::Act\)(\d)", m.group(2))
+    if am:
+        k.act = _ACT_NAMES.get(int(am.group(1)), am.group(1))
+    ints = [int(a) for a in args[1:] if re.fullmatch(r"\d+", a)]
+    if ints:
+        k.K = ints[0]
+    if len(ints) > 1:
+        k.S = ints[1]
+    if k.tag == "FwdWin" and len(ints) >= 4 and ints[2] * ints[3] == 1:
+        k.note = "small-problem tile (one output vector per thread, < 32768 strip threads): latency-bound, no budget"
+    elif k.tag in FAST_TAGS:
+        k.budget = _fast_budget(k.tag, k.dtype, k.act, k.K, k.S)
+        k.fast_path = k.budget is not None
+    elif k.tag in FALLBACK_TAGS and k.tag.startswith("Fwd"):
+        # class of a fallback: the same element size and kernel in the fast path
+        base = _fast_budget("FwdWin", "c10::Half", k.act, k.K or 3, k.S or 1) if k.dtype != "float" else \
+            _fast_budget("FwdNchw", "float", k.act, k.K or 3, k.S or 1)
+        k.budget = 3 * base if base is not None else None
+
+
+def _display(demangled: str) -> str:
+    """body_kernel<kern::FwdWin<c10::Half, (fastdw::Act)2, 3, 1, 8, 2>, kern::Args> -> FwdWin<Half, relu6, 3, 1, 8, 2>"""
+    m = re.search(r"kern::(\w+<.*?>)(?:, fastdw::kern::\w+>|>\()", demangled)
+    s = m.group(1) if m else demangled.split("(")[0]
+    s = re.sub(r"\(fastdw::Act\)(\d)", lambda a: _ACT_NAMES.get(int(a.group(1)), a.group(1)), s)
+    return s.replace("c10::", "").replace("fastdw::", "").replace("kern::", "")
+
+
+def warps_per_sm(regs: int, threads: int, smem: int) -> int:
+    if threads <= 0:
+        return 0
+    warps_blk = -(-threads // 32)
+    regs_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocation unit: 256 registers per warp
+    warps_by_regs = 4 * ((SM_REGS // 4) // regs_warp)  # four sub-partitions
+    blocks = min(SM_BLOCKS, warps_by_regs // warps_blk, (SM_WARPS * 32) // (warps_blk * 32))
+    if smem > 0:
+        blocks = min(blocks, SM_SMEM // smem)
+    return blocks * warps_blk
+
+
+def max_threads(elf_text: str) -> Dict[str, int]:
+    out, cur = {}, None
+    lines = elf_text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"\.nv\.info\.(\S+)", line)
+        if m:
+            cur = m.group(1)
+        if cur and "EIATTR_MAX_THREADS" in line:
+            for nxt in lines[i + 1:i + 4]:
+                vm = re.search(r"Value:\s+(0x[0-9a-f]+)", nxt)
+                if vm:
+                    out[cur] = int(vm.group(1), 16)
+                    break
+    return out
+
+
+def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> List[Kernel]:
+    cuobjdump, tooldir = find_tools()
+    env = dict(os.environ, PATH=tooldir + os.pathsep + os.environ.get("PATH", ""))
+    elfs = [l.split(":")[-1].strip() for l in run([cuobjdump, "--list-elf", so], env).splitlines() if "ELF file" in l]
+    elfs = [e for e in elfs if e.endswith(f".sm_{arch}.cubin")]
+    if not elfs:
+        raise SystemExit(f"sass_budget: no sm_{arch} cubin in {so} (built without CUDA, or for other archs)")
+    kernels: List[Kernel] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for e in elfs:
+            subprocess.run([cuobjdump, "-xelf", e, so], cwd=tmp, capture_output=True, check=True, env=env)
+            cub = os.path.join(tmp, e)
+            sass = parse_sass(run([cuobjdump, "-sass", cub], env))
+            res = run([cuobjdump, "-res-usage", cub], env)
+            mt = max_threads(run([cuobjdump, "-elf", cub], env))
+            usage = {}
+            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
+                usage[m.group(1)] = tuple(int(m.group(i)) for i in range(2, 6))
+            names = demangle(list(sass))
+            for mangled, instrs in sass.items():
+                dm = names.get(mangled, mangled)
+                if filt and not re.search(filt, dm):
+                    continue
+                if any(k.mangled == mangled for k in kernels):  # the same instantiation in two cubins
+                    continue
+                k = Kernel(kernel=_display(dm), arch=f"sm_{arch}", mangled=mangled)
+                classify(k, dm)
+                regs, stack, shared, local = usage.get(mangled, (0, 0, 0, 0))
+                k.registers, k.stack_bytes, k.shared_bytes, k.local_bytes = regs, stack, shared, local
+                k.threads_per_block = mt.get(mangled, 0)
+                k.warps_per_sm = warps_per_sm(regs, k.threads_per_block, shared)
+                eb = _ELEM.get(k.dtype, 4)
+                tot, n_ins, n_out, est, ld, st, sp = analyse(instrs, eb, k.K)
+                k.instr_total, k.region_instr, k.outputs_per_region, k.estimated = tot, n_ins, n_out, est
+                k.load_bits, k.store_bits, k.spill_instr = ld, st, sp
+                if explain:
+                    from collections import Counter
+
+                    hist = Counter(op.split(".")[0] for op in _LAST_PATH) if _LAST_PATH else {}
+                    per = {o: round(c / n_out, 2) for o, c in sorted(hist.items(), key=lambda kv: -kv[1])} if n_out else {}
+                    print(f"{k.kernel}: path of {len(_LAST_PATH)} instructions, per output: {per}")
+                _LAST_PATH.clear()
+                k.spill_bytes = max(stack, local) if sp else 0
+                if n_out > 0:
+                    k.instr_per_output = round(n_ins / n_out, 2)
+                if k.budget is not None:
+                    reasons = []
+                    if k.instr_per_output is None or k.instr_per_output > k.budget:
+                        reasons.append(f"{k.instr_per_output} instr/output > budget {k.budget}")
+                    if sp:
+                        reasons.append(f"spills ({sp} STL/LDL, {k.spill_bytes} B)")
+                    if k.fast_path and k.warps_per_sm < 8:
+                        reasons.append(f"{k.warps_per_sm} resident warps/SM < 8")
+                    if k.fast_path and k.dtype in ("c10::Half", "c10::BFloat16") and k.tag == "FwdWin" and \
+                            (set(ld) - {128} or set(st) - {128}):
+                        reasons.append(f"global loads {ld} / stores {st} bits, not all 128")
+                    k.ok = not reasons
+                    k.note = "; ".join(reasons)
+                kernels.append(k)
+    return kernels
+
+
+def table(ks: List[Kernel]) -> str:
+    rows = ["| kernel | regs | spill B | threads | warps/SM | LDG bits | STG bits | instr/output | budget | ok |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(ks, key=lambda k: (k.budget is None, k.kernel)):
+        ipo = "-" if k.instr_per_output is None else f"{k.instr_per_output:.1f}{' est' if k.estimated else ''}"
+        rows.append(f"| {k.kernel} | {k.registers} | {k.spill_bytes} | {k.threads_per_block} | {k.warps_per_sm} | "
+                    f"{','.join(map(str, k.load_bits)) or '-'} | {','.join(map(str, k.store_bits)) or '-'} | {ipo} | "
+                    f"{k.budget if k.budget is not None else '-'} | "
+                    f"{'-' if k.ok is None else ('yes' if k.ok else 'NO: ' + k.note)} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--so", help="the extension (default: fastdw._C of this tree)")
+    ap.add_argument("--arch", default="90")
+    ap.add_argument("--filter", help="regex on the demangled kernel name")
+    ap.add_argument("--json", help="write the rows as JSON")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a budgeted kernel breaks its budget or spills")
+    ap.add_argument("--explain", action="store_true", help="per kernel: the counted path's opcodes per output")
+    args = ap.parse_args(argv)
+    so = args.so
+    if so is None:
+        hits = sorted(glob.glob(str(ROOT / "fastdw" / "_C*.so")))
+        if not hits:
+            raise SystemExit("sass_budget: no built extension in fastdw/ (pass --so)")
+        import sysconfig
+
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ""
+        so = next((h for h in hits if h.endswith(suffix)), hits[0])
+    ks = report(so, args.arch, args.filter, args.explain)
+    print(f"{Path(so).name}: {len(ks)} kernels for sm_{args.arch}")
+    print(table(ks))
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(asdict(k), kernel=k.kernel) for k in ks], indent=1))
+    bad = [k for k in ks if k.ok is False]
+    if bad:
+        print(f"\n{len(bad)} kernels break their budget:", *(f"  {k.kernel}: {k.note}" for k in bad), sep="\n")
+    return 1 if (args.check and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

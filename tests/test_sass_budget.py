@@ -1,0 +1,82 @@
+"""The static performance budget of the CUDA kernels (scripts/sass_budget.py), read from the SASS
+of this build for sm_90: a property of the compiled code, deterministic, no GPU needed.
+
+Fails when a fast-path kernel (the channels_last fp16/bf16 and NCHW fp32 forward window kernels)
+spends more thread-instructions per output element than its budget, spills, keeps fewer than 8
+warps resident per SM, or (channels_last fp16/bf16) makes a global load or store narrower than
+128 bits; and when a fallback breaks 3x its class's budget.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastdw
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sass_budget", ROOT / "scripts" / "sass_budget.py")
+sb = importlib.util.module_from_spec(_spec)
+sys.modules["sass_budget"] = sb  # dataclasses look their module up there
+_spec.loader.exec_module(sb)
+
+
+def _report():
+    info = fastdw.build_info()
+    if not info.get("with_cuda") or not any(a.startswith("9.0") for a in info.get("cuda_archs", [])):
+        pytest.skip(f"no sm_90 code in this build ({info.get('cuda_archs')})")
+    try:
+        sb.find_tools()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    return sb.report(fastdw._C.__file__, "90", r"Fwd(Win|Nchw|General|Vec)<")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _report()
+
+
+def test_fast_paths_are_there(kernels):
+    names = {k.kernel for k in kernels}
+    for want in ("FwdWin<Half, relu6, 3, 1, 16, 2, false>", "FwdWin<BFloat16, hardswish, 3, 2, 16, 1, false>",
+                 "FwdNchw<float, relu6, 3, 1, 16, 4, false>", "FwdNchw<float, silu, 3, 2, 8, 4, false>"):
+        assert want in names, sorted(names)
+
+
+def test_fast_paths_meet_their_budget(kernels):
+    fast = [k for k in kernels if k.fast_path]
+    assert len(fast) >= 40, [k.kernel for k in fast]
+    bad = [f"{k.kernel}: {k.note}" for k in fast if not k.ok]
+    assert not bad, "\n".join(bad)
+    # the channels_last fp16/bf16 3x3 stride-1 kernels with a cheap activation: <= 20 per output
+    for k in fast:
+        if k.tag == "FwdWin" and k.S == 1 and k.act in ("none", "relu", "relu6"):
+            assert k.instr_per_output <= 20, (k.kernel, k.instr_per_output)
+            assert k.load_bits == [128] and k.store_bits == [128], (k.kernel, k.load_bits, k.store_bits)
+
+
+def test_no_forward_kernel_spills(kernels):
+    spilling = [f"{k.kernel}: {k.spill_instr} STL/LDL" for k in kernels if k.spill_instr and k.tag in sb.FAST_TAGS]
+    assert not spilling, spilling
+
+
+def test_budget_counting_is_not_vacuous():
+    """The path analysis on a hand-made function: an interior path with 2 FFMA and one 16-byte
+    store of fp16 (8 outputs), a border path with 4 extra instructions; the cheaper path counts."""
+    sass = "\n".join([
+        "        Function : k",
+        "        /*0000*/                   ISETP.GE.AND P0, PT, R0, RZ, PT ;",
+        "        /*0010*/               @P0 BRA 0x50 ;",
+        "        /*0020*/                   IADD3 R1, R1, 0x1, RZ ;",
+        "        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;",
+        "        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;",
+        "        /*0050*/                   FFMA R2, R3, R4, R5 ;",
+        "        /*0060*/                   FFMA R2, R3, R4, R2 ;",
+        "        /*0070*/                   STG.E.128 desc[UR4][R6.64], R8 ;",
+        "        /*0080*/                   EXIT ;",
+        "        /*0090*/                   BRA 0x90 ;",
+    ])
+    f = sb.parse_sass(sass)["k"]
+    total, n_ins, n_out, est, ld, st, sp = sb.analyse(f, 2, None)
+    assert total == 9 and n_out == 8 and n_ins == 6 and st == [128] and not est
