@@ -56,6 +56,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_train_bwd(
                        std::string(act), output_mask, CpuExec{});
 }
 
+inline bool p_is_cl(const GpuFwdPlan& g) { return g.args.p.channels_last; }
+
+// "" without dilation, "d2" for dilation (2, 2), "d2x4" for (2, 4)
+inline std::string dil_suffix(const DwConvParams& p) {
+  if (p.dil_h == 1 && p.dil_w == 1) return "";
+  return "d" + std::to_string(p.dil_h) + (p.dil_w != p.dil_h ? "x" + std::to_string(p.dil_w) : "");
+}
+
 // Which forward path the GPU launcher takes for these arguments (for tests of the dispatch).
 std::string emulated_fwd_path(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -66,6 +74,10 @@ std::string emulated_fwd_path(const at::Tensor& x, const at::Tensor& weight, at:
     case kern::FwdPath::Win3S2: return std::string("nhwc_win3s2_") + tile;
     case kern::FwdPath::Nchw3S1: return "nchw_win3s1";
     case kern::FwdPath::Nchw3S2: return "nchw_win3s2";
+    case kern::FwdPath::ScalarWin:
+      return std::string(p_is_cl(g) ? "nhwc" : "nchw") + "_scalar_win" + std::to_string(g.args.p.KH) + "s" +
+             std::to_string(g.args.p.stride_h) +
+             dil_suffix(g.args.p);
     case kern::FwdPath::NhwcVec3: return "nhwc_vec3";
     case kern::FwdPath::NhwcVec5: return "nhwc_vec5";
     case kern::FwdPath::NhwcVec7: return "nhwc_vec7";

@@ -35,8 +35,15 @@ inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::
 inline void set_affine(GpuFwdPlan& g, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
   DwConvParams& p = g.args.p;
   const auto f32 = g.x.options().dtype(at::kFloat);
-  g.scale = (scale.has_value() && scale->defined()) ? scale->to(at::kFloat).contiguous() : at::ones({p.C}, f32);
-  g.shift = (shift.has_value() && shift->defined()) ? shift->to(at::kFloat).contiguous() : at::zeros({p.C}, f32);
+  // fp32, contiguous and 16-byte aligned (the vector kernels load them 16 bytes at a time): a
+  // user's tensor that is already fp32 and contiguous may start anywhere (a view into a flat
+  // parameter buffer), so it is copied then.
+  const auto aligned = [&](at::Tensor t) {
+    t = t.to(at::kFloat).contiguous();
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+  };
+  g.scale = (scale.has_value() && scale->defined()) ? aligned(*scale) : at::ones({p.C}, f32);
+  g.shift = (shift.has_value() && shift->defined()) ? aligned(*shift) : at::zeros({p.C}, f32);
   p.scale_ptr = g.scale.const_data_ptr();
   p.shift_ptr = g.shift.const_data_ptr();
   g.args.scale = g.scale.const_data_ptr<float>();
@@ -202,6 +209,47 @@ void launch_nchw(const GpuFwdPlan& g, Exec&& exec) {
   exec(kern::FwdNchw<scalar_t, A, 3, S, TH, TW, kCenter>{}, a, kern::fwd_nchw_win_threads(p, TH, TW));
 }
 
+template <typename scalar_t, typename Exec>
+void launch_scalar_win(const GpuFwdPlan& g, Exec&& exec) {
+  const DwConvParams& p = g.args.p;
+  kern::Args a = g.args;
+  const auto go = [&](auto k, auto s) {
+    constexpr int K = decltype(k)::value, S = decltype(s)::value;
+    constexpr int TH = kern::kScalarTH, TW = kern::scalar_tw(S);
+    // dilation: Ph x Pw output phases, each strips of its ceil(OH / Ph) x ceil(OW / Pw) outputs
+    const int64_t ph = kern::dil_phases(p.stride_h, p.dil_h), pw = kern::dil_phases(p.stride_w, p.dil_w);
+    const int64_t oh = (p.OH + ph - 1) / ph, ow = (p.OW + pw - 1) / pw;
+    a.div_vec = kern::FastDiv(static_cast<uint32_t>(p.C));
+    a.div_ph = kern::FastDiv(static_cast<uint32_t>(ph));
+    a.div_pw = kern::FastDiv(static_cast<uint32_t>(pw));
+    a.div_dh = kern::FastDiv(static_cast<uint32_t>(p.dil_h));
+    a.div_dw = kern::FastDiv(static_cast<uint32_t>(p.dil_w));
+    a.div_tw = kern::FastDiv(static_cast<uint32_t>(pw * ((ow + TW - 1) / TW)));
+    a.div_th = kern::FastDiv(static_cast<uint32_t>(ph * ((oh + TH - 1) / TH)));
+    const int64_t n = kern::fwd_scalar_win_threads(p, TH, TW);  // N * C * row strips * column strips
+    const bool smooth = p.act == Act::Hardswish || p.act == Act::Silu;
+    // dilated: one instantiation for every activation (the phase set-up compiled in only there)
+    const bool dil = p.dil_h != 1 || p.dil_w != 1;
+    if (p.channels_last) {
+      dil      ? exec(kern::FwdScalarWin<scalar_t, K, S, TH, TW, true, false, true>{}, a, n)
+      : smooth ? exec(kern::FwdScalarWin<scalar_t, K, S, TH, TW, true, true, false>{}, a, n)
+               : exec(kern::FwdScalarWin<scalar_t, K, S, TH, TW, true, false, false>{}, a, n);
+    } else {
+      dil      ? exec(kern::FwdScalarWin<scalar_t, K, S, TH, TW, false, false, true>{}, a, n)
+      : smooth ? exec(kern::FwdScalarWin<scalar_t, K, S, TH, TW, false, true, false>{}, a, n)
+               : exec(kern::FwdScalarWin<scalar_t, K, S, TH, TW, false, false, false>{}, a, n);
+    }
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  const bool s1 = kern::phase_stride(p.stride_h, p.dil_h) == 1;  // the stride inside a phase
+  switch (p.KH) {
+    case 3: s1 ? go(std::integral_constant<int, 3>{}, I1{}) : go(std::integral_constant<int, 3>{}, I2{}); break;
+    case 5: s1 ? go(std::integral_constant<int, 5>{}, I1{}) : go(std::integral_constant<int, 5>{}, I2{}); break;
+    default: s1 ? go(std::integral_constant<int, 7>{}, I1{}) : go(std::integral_constant<int, 7>{}, I2{}); break;
+  }
+}
+
 template <bool kCenter = false, typename Exec>
 void schedule_fwd(GpuFwdPlan& g, Exec&& exec) {
   const DwConvParams& p = g.args.p;
@@ -210,6 +258,10 @@ void schedule_fwd(GpuFwdPlan& g, Exec&& exec) {
   ensure_packed(g, exec);
   gpu_dtype_switch(g.x.scalar_type(), [&](auto s) {
     using scalar_t = decltype(s);
+    if (g.choice.path == kern::FwdPath::ScalarWin) {  // activation and center at run time
+      launch_scalar_win<scalar_t>(g, exec);
+      return;
+    }
     act_switch(p.act, [&](auto a) {
       constexpr Act A = decltype(a)::value;
       const int64_t n_vec = kern::fwd_nhwc_vec_threads<scalar_t, kern::kTileW>(p);

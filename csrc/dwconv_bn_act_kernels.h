@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "activations.h"
@@ -74,6 +75,9 @@ struct Args {
   const float* cst = nullptr;
   // fwd_nhwc_win's thread decode: channel vectors, column strips, row strips (set by the launcher)
   FastDiv div_vec, div_tw, div_th;
+  // fwd_scalar_win with dilation: the output phases per axis (1 without dilation) and the
+  // dilations, see there
+  FastDiv div_ph, div_pw, div_dh, div_dw;
 };
 
 struct BwdArgs {
@@ -321,7 +325,11 @@ FASTDW_HD void fwd_nhwc_win_strip(const DwConvParams& p, const scalar_t* xs, sca
     FASTDW_UNROLL
     for (int q = 0; q < kCols; ++q) {  // the row's loads first, then the conversions
       if (row_ok && col_ok[q]) {
+#if defined(__CUDA_ARCH__)
         raw[q] = *reinterpret_cast<const Words16*>(colp[q]);
+#else
+        memcpy(&raw[q], colp[q], sizeof(Words16));  // the emulation: no aliasing of scalar_t objects
+#endif
       } else {
         raw[q] = Words16{{0u, 0u, 0u, 0u}};
       }
@@ -374,7 +382,7 @@ FASTDW_HD void fwd_nhwc_win(const Args& a, int64_t i) {
   constexpr int kRows = (kTH - 1) * S + K;
   const DwConvParams& p = a.p;
   const int32_t C = static_cast<int32_t>(p.C), H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
-  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
+  const int32_t OW = static_cast<int32_t>(p.OW);
   // i = ((n * nth + sh) * ntw + sw) * nvec + cv, decoded with the launcher's FastDivs
   const uint32_t i0 = static_cast<uint32_t>(i), i1 = a.div_vec.div(i0), i2 = a.div_tw.div(i1), i3 = a.div_th.div(i2);
   const int32_t cv = static_cast<int32_t>(i0 - i1 * a.div_vec.d), sw = static_cast<int32_t>(i1 - i2 * a.div_tw.d);
@@ -405,34 +413,38 @@ FASTDW_HD void fwd_nhwc_win(const Args& a, int64_t i) {
   }
 }
 
-// Forward, NCHW (contiguous) fast path: the same rolling-window scheme along W. Thread = one
-// (n, c) plane x a strip of kTW consecutive output columns x kTH output rows; W is the fast axis:
-// consecutive threads take consecutive column strips, so a warp's loads of one input row are
-// consecutive addresses (coalesced; the halo columns are shared with the neighbours through L1).
-// The K*K weights and the affine of the channel are loaded once per thread. Interior strips run
-// without bounds tests; border strips test rows, columns and outputs.
-template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter, bool kInterior>
-FASTDW_HD void fwd_nchw_win_strip(const DwConvParams& p, const scalar_t* xs, scalar_t* ys, int32_t ih0, int32_t iw0,
-                                  int32_t oh0, int32_t ow0, const float (&w)[K * K], float sc, float sh, float ce) {
+// The sizes a strip tests its rows, columns and outputs against: the image (and its output), or
+// with dilation one phase of it (fwd_scalar_win).
+struct PhaseGrid {
+  int32_t H, W, OH, OW;
+};
+
+// One thread's strip of kTH x kTW outputs of one channel, walked down the rows with a rolling
+// window of K input rows (kCols columns each) in fp32 registers: each input element is loaded and
+// converted once. Strides in elements: rs / cs between input rows / columns, ors / ocs between
+// output rows / columns (constants at the call propagate: NCHW columns get immediate offsets).
+// epi(acc) -> scalar_t is the epilogue (BatchNorm affine and activation).
+template <typename scalar_t, int K, int S, int kTH, int kTW, bool kInterior, typename Epi>
+FASTDW_HD void window_strip(const scalar_t* xs, scalar_t* ys, int32_t ih0, int32_t iw0, int32_t oh0, int32_t ow0,
+                            const PhaseGrid& g, int32_t rs, int32_t cs, int32_t ors, int32_t ocs,
+                            const float (&w)[K * K], const Epi& epi) {
   constexpr int kCols = (kTW - 1) * S + K;
   constexpr int kRows = (kTH - 1) * S + K;
-  const int32_t H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
-  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
   bool col_ok[kCols];
   FASTDW_UNROLL
-  for (int q = 0; q < kCols; ++q) col_ok[q] = kInterior || (iw0 + q >= 0 && iw0 + q < W);
+  for (int q = 0; q < kCols; ++q) col_ok[q] = kInterior || (iw0 + q >= 0 && iw0 + q < g.W);
   float win[K][kCols];
   const scalar_t* xr = xs;
   FASTDW_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    const bool row_ok = kInterior || (ih0 + r >= 0 && ih0 + r < H);
+    const bool row_ok = kInterior || (ih0 + r >= 0 && ih0 + r < g.H);
     FASTDW_UNROLL
-    for (int q = 0; q < kCols; ++q) win[r % K][q] = (row_ok && col_ok[q]) ? to_f(xr[q]) : 0.f;
-    xr += W;
+    for (int q = 0; q < kCols; ++q) win[r % K][q] = (row_ok && col_ok[q]) ? to_f(xr[q * cs]) : 0.f;
+    xr += rs;
     if (r < K - 1 || (r - (K - 1)) % S != 0) continue;
-    const int jr = (r - (K - 1)) / S;
-    if (!kInterior && oh0 + jr >= OH) break;
-    scalar_t* yr = ys + jr * OW;
+    const int jr = (r - (K - 1)) / S;  // the output row this input row completes
+    if (!kInterior && oh0 + jr >= g.OH) break;  // and every later row of the strip
+    scalar_t* yr = ys + jr * ors;
     FASTDW_UNROLL
     for (int tc = 0; tc < kTW; ++tc) {
       float acc = 0.f;
@@ -440,18 +452,17 @@ FASTDW_HD void fwd_nchw_win_strip(const DwConvParams& p, const scalar_t* xs, sca
       for (int kh = 0; kh < K; ++kh)
         FASTDW_UNROLL
         for (int kw = 0; kw < K; ++kw) acc += w[kh * K + kw] * win[(jr * S + kh) % K][tc * S + kw];
-      if (kInterior || ow0 + tc < OW) {
-        const float u = (kCenter ? acc - ce : acc) * sc + sh;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          yr[tc] = act_fwd<A>(u);
-        } else {
-          yr[tc] = static_cast<scalar_t>(act_fwd_lowp<A>(u));
-        }
-      }
+      if (kInterior || ow0 + tc < g.OW) yr[tc * ocs] = epi(acc);
     }
   }
 }
 
+// Forward, NCHW (contiguous) fast path: the same rolling-window scheme along W. Thread = one
+// (n, c) plane x a strip of kTW consecutive output columns x kTH output rows; W is the fast axis:
+// consecutive threads take consecutive column strips, so a warp's loads of one input row are
+// consecutive addresses (coalesced; the halo columns are shared with the neighbours through L1).
+// The K*K weights and the affine of the channel are loaded once per thread. Interior strips run
+// without bounds tests; border strips test rows, columns and outputs.
 template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter>
 FASTDW_HD void fwd_nchw_win(const Args& a, int64_t i) {
   constexpr int kCols = (kTW - 1) * S + K;
@@ -472,17 +483,156 @@ FASTDW_HD void fwd_nchw_win(const Args& a, int64_t i) {
   FASTDW_UNROLL
   for (int tap = 0; tap < K * K; ++tap) w[tap] = a.wt[tap * p.C + c];
   const float sc = a.scale[c], shv = a.shift[c], ce = kCenter ? a.center[c] : 0.f;
+  const auto epi = [&](float acc) -> scalar_t {
+    const float u = (kCenter ? acc - ce : acc) * sc + shv;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return act_fwd<A>(u);
+    } else {
+      return static_cast<scalar_t>(act_fwd_lowp<A>(u));
+    }
+  };
+  const PhaseGrid g{H, W, static_cast<int32_t>(p.OH), OW};
   const bool interior = ih0 >= 0 && ih0 + kRows <= H && iw0 >= 0 && iw0 + kCols <= W;
   if (interior) {
-    fwd_nchw_win_strip<scalar_t, A, K, S, kTH, kTW, kCenter, true>(p, xs, ys, ih0, iw0, oh0, ow0, w, sc, shv, ce);
+    window_strip<scalar_t, K, S, kTH, kTW, true>(xs, ys, ih0, iw0, oh0, ow0, g, W, 1, OW, 1, w, epi);
   } else {
-    fwd_nchw_win_strip<scalar_t, A, K, S, kTH, kTW, kCenter, false>(p, xs, ys, ih0, iw0, oh0, ow0, w, sc, shv, ce);
+    window_strip<scalar_t, K, S, kTH, kTW, false>(xs, ys, ih0, iw0, oh0, ow0, g, W, 1, OW, 1, w, epi);
   }
 }
 
 inline int64_t fwd_nchw_win_threads(const DwConvParams& p, int th, int tw) {
   return p.N * p.C * ((p.OH + th - 1) / th) * ((p.OW + tw - 1) / tw);
 }
+
+// The activation as runtime values, for the fallback window kernel (which would otherwise be
+// compiled once per activation). kMode 0: the ReLU family as one clamp to [lo, hi] (none:
+// (-inf, inf), relu: [0, inf), relu6: [0, 6]; NaN passes), branch-free; 1: hardswish / silu by a
+// uniform branch; 2: any of them (one more uniform branch; the dilated kernels).
+template <int kMode, bool kLowp>
+FASTDW_HD float act_fwd_rt(Act a, float u, float lo, float hi) {
+  if (kMode == 1 || (kMode == 2 && (a == Act::Hardswish || a == Act::Silu))) {
+    if (a == Act::Hardswish) return kLowp ? act_fwd_lowp<Act::Hardswish>(u) : act_fwd<Act::Hardswish>(u);
+    return kLowp ? act_fwd_lowp<Act::Silu>(u) : act_fwd<Act::Silu>(u);
+  }
+  return clamp_nan(u, lo, hi);
+}
+
+// Forward, one channel per thread: the window scheme of fwd_nhwc_win / fwd_nchw_win for any
+// channel count and any element alignment (scalar loads and stores), K = 3 / 5 / 7, stride 1 / 2,
+// any dilation, both layouts; the activation and the training center are runtime values. It
+// serves what the vector kernels cannot: channels_last with C not a multiple of the vector width
+// or an unaligned view, the 5x5 / 7x7 kernels of both layouts, and dilated kernels. Thread = one
+// channel of one image x a strip of kTH output rows x kTW columns. Thread index: channels_last:
+// channel fastest (a warp reads 32 consecutive channels of a pixel); NCHW: column strip fastest
+// (a warp reads along a row).
+//
+// Dilation d with stride s, per axis: with g = gcd(s, d), the outputs split into P = d / g phases
+// (output o = ph + P * j), and inside one phase the convolution is an undilated one of stride
+// s / g over the input rows ph * s - pad + d * r (r = j * s / g + tap): every d-th input row. So a
+// phase is the undilated window kernel with the row and column strides multiplied by d (input)
+// and P (output), and the template stride S is s / g. Without dilation P = 1 and the phase is the
+// whole image. The strip works in the phase's virtual coordinates, shifted so that virtual row 0
+// is the first real row >= 0: PhaseGrid holds the phase's virtual input extent (H, W: virtual
+// rows / columns whose real row / column lies inside the image) and output extent (OH, OW).
+
+// ceil(x / d) for x of either sign, |x| + d < 2^31, by a FastDiv (no integer division).
+FASTDW_HD int32_t ceil_div_any(int32_t x, const FastDiv& d) {
+  return x >= 0 ? static_cast<int32_t>(d.div(static_cast<uint32_t>(x) + d.d - 1))
+                : -static_cast<int32_t>(d.div(static_cast<uint32_t>(-x)));
+}
+
+template <typename scalar_t, int K, int S, int kTH, int kTW, bool kCL, bool kSmooth, bool kDil>
+FASTDW_HD void fwd_scalar_win(const Args& a, int64_t i) {
+  constexpr int kActMode = kDil ? 2 : (kSmooth ? 1 : 0);
+  constexpr int kCols = (kTW - 1) * S + K;
+  constexpr int kRows = (kTH - 1) * S + K;
+  const DwConvParams& p = a.p;
+  const int32_t C = static_cast<int32_t>(p.C), H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
+  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
+  // channels_last: i = ((n * nth + sh) * ntw + sw) * C + c; NCHW: i = ((n * C + c) * nth + sh) * ntw + sw
+  int32_t c, sw, sh;
+  int64_t n;
+  const uint32_t i0 = static_cast<uint32_t>(i);
+  if constexpr (kCL) {
+    const uint32_t i1 = a.div_vec.div(i0), i2 = a.div_tw.div(i1), i3 = a.div_th.div(i2);
+    c = static_cast<int32_t>(i0 - i1 * a.div_vec.d);
+    sw = static_cast<int32_t>(i1 - i2 * a.div_tw.d);
+    sh = static_cast<int32_t>(i2 - i3 * a.div_th.d);
+    n = i3;
+  } else {
+    const uint32_t i1 = a.div_tw.div(i0), i2 = a.div_th.div(i1), i3 = a.div_vec.div(i2);
+    sw = static_cast<int32_t>(i0 - i1 * a.div_tw.d);
+    sh = static_cast<int32_t>(i1 - i2 * a.div_th.d);
+    c = static_cast<int32_t>(i2 - i3 * a.div_vec.d);
+    n = i3;
+  }
+  // element strides of a row and a column, input and output
+  const int32_t rs = kCL ? W * C : W, cs = kCL ? C : 1, ors = kCL ? OW * C : OW, ocs = kCL ? C : 1;
+  const int64_t x_img = kCL ? n * p.H * p.W * p.C + c : (n * p.C + c) * p.H * p.W;
+  const int64_t y_img = kCL ? n * p.OH * p.OW * p.C + c : (n * p.C + c) * p.OH * p.OW;
+  const scalar_t* xs;
+  scalar_t* ys;
+  int32_t ih0, iw0, oh0, ow0;
+  PhaseGrid g{H, W, OH, OW};
+  int32_t dh = 1, dw = 1, Ph = 1, Pw = 1;
+  if constexpr (kDil) {
+    // The strip's phase (fastest, so neighbouring threads of an NCHW row read neighbouring
+    // columns) and its place in the phase's output grid.
+    Ph = static_cast<int32_t>(a.div_ph.d);
+    Pw = static_cast<int32_t>(a.div_pw.d);
+    const int32_t jh = static_cast<int32_t>(a.div_ph.div(static_cast<uint32_t>(sh)));
+    const int32_t jw = static_cast<int32_t>(a.div_pw.div(static_cast<uint32_t>(sw)));
+    const int32_t ph = sh - jh * Ph, pw = sw - jw * Pw;
+    dh = static_cast<int32_t>(a.div_dh.d);
+    dw = static_cast<int32_t>(a.div_dw.d);
+    // real input row of the phase's virtual row r: bh + dh * r; the first one inside the image: lh
+    const int32_t bh = ph * static_cast<int32_t>(p.stride_h) - static_cast<int32_t>(p.pad_h);
+    const int32_t bw = pw * static_cast<int32_t>(p.stride_w) - static_cast<int32_t>(p.pad_w);
+    const int32_t lh = ceil_div_any(-bh, a.div_dh), lw = ceil_div_any(-bw, a.div_dw);
+    g = PhaseGrid{ceil_div_any(H - bh, a.div_dh) - lh, ceil_div_any(W - bw, a.div_dw) - lw,
+                  static_cast<int32_t>(a.div_ph.div(static_cast<uint32_t>(OH - ph + Ph - 1))),
+                  static_cast<int32_t>(a.div_pw.div(static_cast<uint32_t>(OW - pw + Pw - 1)))};
+    oh0 = jh * kTH;  // in the phase's output grid
+    ow0 = jw * kTW;
+    ih0 = oh0 * S - lh;  // shifted virtual input coordinates
+    iw0 = ow0 * S - lw;
+    xs = static_cast<const scalar_t*>(p.x_ptr) + x_img + ((bh + dh * (ih0 + lh)) * rs + (bw + dw * (iw0 + lw)) * cs);
+    ys = static_cast<scalar_t*>(p.out_ptr) + y_img + ((ph + Ph * oh0) * ors + (pw + Pw * ow0) * ocs);
+  } else {
+    oh0 = sh * kTH;
+    ow0 = sw * kTW;
+    ih0 = oh0 * S - static_cast<int32_t>(p.pad_h);
+    iw0 = ow0 * S - static_cast<int32_t>(p.pad_w);
+    xs = static_cast<const scalar_t*>(p.x_ptr) + x_img + (ih0 * rs + iw0 * cs);
+    ys = static_cast<scalar_t*>(p.out_ptr) + y_img + (oh0 * ors + ow0 * ocs);
+  }
+  float w[K * K];
+  FASTDW_UNROLL
+  for (int tap = 0; tap < K * K; ++tap) w[tap] = a.wt[tap * p.C + c];
+  const float sc = a.scale[c], shv = a.shift[c], ce = a.center != nullptr ? a.center[c] : 0.f;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float lo = p.act == Act::None ? -inf : 0.f, hi = p.act == Act::Relu6 ? 6.f : inf;
+  // A window inside the image means every output of the strip exists (also per phase; tested
+  // anyway for the phases, whose output counts differ by one).
+  const bool interior = ih0 >= 0 && ih0 + kRows <= g.H && iw0 >= 0 && iw0 + kCols <= g.W &&
+                        (!kDil || (oh0 + kTH <= g.OH && ow0 + kTW <= g.OW));
+  constexpr bool kLowp = !std::is_same_v<scalar_t, float>;
+  const Act act = p.act;
+  const auto epi = [&](float acc) -> scalar_t {
+    return static_cast<scalar_t>(act_fwd_rt<kActMode, kLowp>(act, (acc - ce) * sc + shv, lo, hi));
+  };
+  if (interior) {
+    window_strip<scalar_t, K, S, kTH, kTW, true>(xs, ys, ih0, iw0, oh0, ow0, g, dh * rs, dw * cs, Ph * ors, Pw * ocs,
+                                                 w, epi);
+  } else {
+    window_strip<scalar_t, K, S, kTH, kTW, false>(xs, ys, ih0, iw0, oh0, ow0, g, dh * rs, dw * cs, Ph * ors,
+                                                  Pw * ocs, w, epi);
+  }
+}
+
+// The scalar window's strip: 8 rows x 8 columns at stride 1, 4 at stride 2.
+constexpr int kScalarTH = 8;
+constexpr int scalar_tw(int S) { return S == 1 ? 8 : 4; }
 
 // The tile of fwd_nhwc_win for a problem: a strip of kTH x kTW outputs per thread when that
 // still gives every SM several blocks (large layers), one output vector per thread otherwise
@@ -494,7 +644,7 @@ enum class WinTile { Strip, Single };
 // by kNchwTW columns.
 constexpr int strip_w(int S) { return S == 1 ? 2 : 1; }
 constexpr int strip_h(int S) { return S == 1 ? 16 : 8; }
-constexpr int nhwc_strip_h(int S) { return S == 1 ? 16 : 16; }
+constexpr int nhwc_strip_h(int) { return 16; }
 
 // Packs the per-channel parameters once per call into one fp32 buffer read with 16-byte loads:
 // rows 0 .. KK-1 = weight taps (KK, C) (transposed so channels are contiguous), row KK = scale,
@@ -651,7 +801,7 @@ FASTDW_HD void bwd_chunks(int64_t rows, int64_t& nchunks, int64_t& rows_per_chun
 }
 
 // The forward path the launcher takes (one rule for the GPU and its emulation).
-enum class FwdPath { General, NhwcVec3, NhwcVec5, NhwcVec7, Win3S1, Win3S2, Nchw3S1, Nchw3S2 };
+enum class FwdPath { General, NhwcVec3, NhwcVec5, NhwcVec7, Win3S1, Win3S2, Nchw3S1, Nchw3S2, ScalarWin };
 
 // NCHW strips: kNchwTW consecutive outputs along W x strip_h(S) rows.
 constexpr int kNchwTW = 4;
@@ -671,43 +821,70 @@ inline int64_t fwd_win_threads(const DwConvParams& p, int vec, int th, int tw) {
   return p.N * ((p.OH + th - 1) / th) * ((p.OW + tw - 1) / tw) * (p.C / vec);
 }
 
+// Dilation as phases (fwd_scalar_win): d / gcd(s, d) output phases per axis, each an undilated
+// convolution of stride s / gcd(s, d).
+FASTDW_HD int64_t gcd64(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+inline int64_t dil_phases(int64_t s, int64_t d) { return d / gcd64(s, d); }
+inline int64_t phase_stride(int64_t s, int64_t d) { return s / gcd64(s, d); }
+
+// fwd_scalar_win's thread count: N * C * row strips * column strips, over all phases.
+inline int64_t fwd_scalar_win_threads(const DwConvParams& p, int th, int tw) {
+  const int64_t ph = dil_phases(p.stride_h, p.dil_h), pw = dil_phases(p.stride_w, p.dil_w);
+  const int64_t oh = (p.OH + ph - 1) / ph, ow = (p.OW + pw - 1) / pw;  // the largest phase
+  return p.N * p.C * (ph * ((oh + th - 1) / th)) * (pw * ((ow + tw - 1) / tw));
+}
+
 inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool aligned16) {
   const int vec = 16 / elem_size;
   FwdChoice ch;
-  const bool k3 = p.KH == 3 && p.KW == 3 && p.dil_h == 1 && p.dil_w == 1 && p.stride_h == p.stride_w &&
-                  (p.stride_h == 1 || p.stride_h == 2);
-  if (!p.channels_last) {
-    const int64_t lim = (int64_t(1) << 31) - 1;
-    const int th = strip_h(p.stride_h == 1 ? 1 : 2);
-    // int32 offsets inside a plane (rows a strip may address past either edge included) and
-    // the thread index
-    const bool fits = (p.H + 2 * (16 * 2 + 3)) * p.W < lim && fwd_nchw_win_threads(p, th, kNchwTW) < lim;
-    if (k3 && fits) {
-      ch.path = p.stride_h == 1 ? FwdPath::Nchw3S1 : FwdPath::Nchw3S2;
-    } else {
-      ch.idx64 = !fits;
-    }
-    return ch;
-  }
-  if (!aligned16 || p.C % vec != 0 || p.KH != p.KW) return ch;
-  const bool win = p.KH == 3 && p.dil_h == 1 && p.dil_w == 1 && p.stride_h == p.stride_w &&
-                   (p.stride_h == 1 || p.stride_h == 2);
-  const int S = p.stride_h == 1 ? 1 : 2;
-  const int64_t strip = fwd_win_threads(p, vec, nhwc_strip_h(S), strip_w(S));
-  const WinTile tile = strip >= kStripMinThreads ? WinTile::Strip : WinTile::Single;
-  const int64_t threads = tile == WinTile::Strip ? strip : fwd_win_threads(p, vec, 1, 1);
   const int64_t lim = (int64_t(1) << 31) - 1;
-  // fwd_nhwc_win's offsets are int32: inside an image (with the rows a strip may address past
-  // either edge) and the thread index must fit; larger problems take the int64 vector path.
-  ch.idx64 = (p.H + 2 * (16 * 2 + 3)) * p.W * p.C >= lim || p.OH * p.OW * p.C >= lim || threads >= lim;
-  if (win && !ch.idx64) {
-    ch.path = p.stride_h == 1 ? FwdPath::Win3S1 : FwdPath::Win3S2;
-    ch.tile = tile;
-    return ch;
+  const int64_t svh = phase_stride(p.stride_h, p.dil_h), svw = phase_stride(p.stride_w, p.dil_w);
+  const bool dilated = p.dil_h != 1 || p.dil_w != 1;
+  // KxK, K = 3 / 5 / 7, whose (phase) strides are equal and 1 or 2: the window kernels
+  const bool k357 = p.KH == p.KW && (p.KH == 3 || p.KH == 5 || p.KH == 7) && svh == svw && (svh == 1 || svh == 2);
+  const int S = p.stride_h == 1 ? 1 : 2;
+  const bool vec_ok = p.channels_last && aligned16 && p.C % vec == 0;
+  int64_t threads = 0;
+  if (k357) {
+    if (dilated) {
+      ch.path = FwdPath::ScalarWin;
+      threads = fwd_scalar_win_threads(p, kScalarTH, scalar_tw(static_cast<int>(svh)));
+    } else if (!p.channels_last && p.KH == 3) {
+      ch.path = S == 1 ? FwdPath::Nchw3S1 : FwdPath::Nchw3S2;
+      threads = p.N * p.C * ((p.OH + strip_h(S) - 1) / strip_h(S)) * ((p.OW + kNchwTW - 1) / kNchwTW);
+    } else if (vec_ok && p.KH == 3) {
+      ch.path = S == 1 ? FwdPath::Win3S1 : FwdPath::Win3S2;
+      threads = fwd_win_threads(p, vec, nhwc_strip_h(S), strip_w(S));
+      ch.tile = threads >= kStripMinThreads ? WinTile::Strip : WinTile::Single;
+      if (ch.tile == WinTile::Single) threads = fwd_win_threads(p, vec, 1, 1);
+    } else {  // 5x5 / 7x7, or channels_last with C % vec != 0 or an unaligned view
+      ch.path = FwdPath::ScalarWin;
+      threads = fwd_scalar_win_threads(p, kScalarTH, scalar_tw(S));
+    }
   }
-  if (p.KH == 3) ch.path = FwdPath::NhwcVec3;
-  else if (p.KH == 5) ch.path = FwdPath::NhwcVec5;
-  else if (p.KH == 7) ch.path = FwdPath::NhwcVec7;
+  // The window kernels use int32 offsets inside an image (the image base is int64) and a 32-bit
+  // thread decode: an image with its padding and the rows and columns a strip may address past
+  // either edge (at most (16 - 1) * 2 + 7 rows and 15 columns, times the dilation) and the
+  // thread count must stay under 2^31; larger problems take the int64 kernels below. A large
+  // batch of ordinary images stays on the window kernels.
+  const int64_t img = (p.H + 2 * p.pad_h + 80 * p.dil_h) * (p.W + 2 * p.pad_w + 16 * p.dil_w) * p.C;
+  const int64_t out_img = (p.OH + 80) * (p.OW + 16) * p.C;
+  ch.idx64 = img >= lim || out_img >= lim || threads >= lim;
+  if (k357 && !ch.idx64) return ch;
+  ch.path = FwdPath::General;
+  ch.tile = WinTile::Strip;
+  if (vec_ok && p.KH == p.KW) {
+    if (p.KH == 3) ch.path = FwdPath::NhwcVec3;
+    else if (p.KH == 5) ch.path = FwdPath::NhwcVec5;
+    else if (p.KH == 7) ch.path = FwdPath::NhwcVec7;
+  }
   return ch;
 }
 
@@ -730,6 +907,13 @@ template <typename scalar_t, Act A, int K, int S, int kTH, int kTW, bool kCenter
 struct FwdNchw {
   static constexpr int kThreads = 128;
   static FASTDW_HD void body(const Args& a, int64_t i) { fwd_nchw_win<scalar_t, A, K, S, kTH, kTW, kCenter>(a, i); }
+};
+template <typename scalar_t, int K, int S, int kTH, int kTW, bool kCL, bool kSmooth, bool kDil>
+struct FwdScalarWin {
+  static constexpr int kThreads = 128;
+  static FASTDW_HD void body(const Args& a, int64_t i) {
+    fwd_scalar_win<scalar_t, K, S, kTH, kTW, kCL, kSmooth, kDil>(a, i);
+  }
 };
 struct PackParams {
   static FASTDW_HD void body(const PackArgs& a, int64_t i) { pack_params(a, i); }

@@ -22,8 +22,9 @@ steady-state thread-instructions per output element:
     estimated trip count (the kernel size K from the kernel's name; marked "est");
   * divided by the output elements the region stores (store bytes / the output element size).
 Budgets (instructions per output element) come from issue 14 and apply to the kernels named in
-BUDGETS; a fallback path of a class gets 3x its class's fast budget. Backward and training kernels
-are reported without a budget here.
+BUDGETS; a fallback path of a class (C % vec != 0, unaligned views, dilation) gets 3x its class's
+fast budget. The generic kernels (shapes outside the specialised set), backward and training
+kernels are reported without a budget here.
 """
 from __future__ import annotations
 
@@ -298,10 +299,11 @@ def _fast_budget(tag: str, dtype: str, act: str, K: Optional[int], S: Optional[i
     return None
 
 
-# Tags whose kernels are a fast path (asserted by --check) and the fallbacks held to 3x their
-# class's fast budget.
-FAST_TAGS = ("FwdWin", "FwdNchw")
-FALLBACK_TAGS = ("FwdWinScalar", "FwdGeneral")
+# Tags whose kernels are a fast path (asserted by --check; FwdScalarWin also holds the fallbacks,
+# held to 3x their class's fast budget: C % vec != 0, unaligned views, dilation), and the generic
+# kernels of the shapes outside the specialised set (reported, no budget).
+FAST_TAGS = ("FwdWin", "FwdNchw", "FwdScalarWin")
+GENERIC_TAGS = ("FwdGeneral", "FwdVec")
 
 
 def classify(k: Kernel, demangled: str) -> None:
@@ -321,16 +323,39 @@ def classify(k: Kernel, demangled: str) -> None:
         k.K = ints[0]
     if len(ints) > 1:
         k.S = ints[1]
+    bools = [a == "true" for a in args[1:] if a in ("true", "false")]
+    if k.tag == "FwdScalarWin":  # <T, K, S, TH, TW, channels_last, smooth activation, dilated>
+        cl, smooth, dil = (bools + [False, False, False])[:3]
+        # the path counted: the clamp (the costliest of the ReLU family) / the cheaper smooth one
+        k.act = "hardswish" if smooth else "relu6"
+        if dil:  # dilation, every activation: 3x the fast budget of its class (the path counted: the clamp)
+            k.act = "any"
+            if cl and k.dtype in ("c10::Half", "c10::BFloat16"):
+                base = _fast_budget("FwdWin", k.dtype, "relu6", k.K, k.S) if k.K in (5, 7) else \
+                    _fast_budget("FwdWin", "c10::Half", "relu6", 3, k.S)
+            elif cl:
+                base = _fast_budget("FwdWin", "c10::Half", "relu6", 3, k.S) if k.K == 3 else None
+            else:
+                base = _fast_budget("FwdNchw", "float", "relu6", 3, k.S) if k.K == 3 and k.dtype == "float" else None
+            k.budget = 3 * base if base is not None else None
+        elif cl and k.K in (5, 7) and k.dtype in ("c10::Half", "c10::BFloat16"):
+            k.budget = _fast_budget("FwdWin", k.dtype, k.act, k.K, k.S)  # the 5x5 / 7x7 channels_last path
+            k.fast_path = k.budget is not None
+        elif cl and k.K == 3:  # the fallback of the 3x3 channels_last class (C % vec != 0, unaligned, dilated)
+            base = _fast_budget("FwdWin", "c10::Half", k.act, 3, k.S)
+            k.budget = 3 * base if base is not None else None
+        elif not cl and k.K == 3 and k.dtype == "float":  # the fallback of the NCHW fp32 3x3 class (dilated)
+            base = _fast_budget("FwdNchw", "float", k.act, 3, k.S)
+            k.budget = 3 * base if base is not None else None
+        return
     if k.tag == "FwdWin" and len(ints) >= 4 and ints[2] * ints[3] == 1:
         k.note = "small-problem tile (one output vector per thread, < 32768 strip threads): latency-bound, no budget"
     elif k.tag in FAST_TAGS:
         k.budget = _fast_budget(k.tag, k.dtype, k.act, k.K, k.S)
         k.fast_path = k.budget is not None
-    elif k.tag in FALLBACK_TAGS and k.tag.startswith("Fwd"):
-        # class of a fallback: the same element size and kernel in the fast path
-        base = _fast_budget("FwdWin", "c10::Half", k.act, k.K or 3, k.S or 1) if k.dtype != "float" else \
-            _fast_budget("FwdNchw", "float", k.act, k.K or 3, k.S or 1)
-        k.budget = 3 * base if base is not None else None
+    elif k.tag in GENERIC_TAGS:
+        k.note = ("generic kernel: the shapes no window kernel covers (kernel sizes other than 3/5/7, "
+                  "non-square kernels, strides above 2, one image past 2^31 elements); no budget")
 
 
 def _display(demangled: str) -> str:

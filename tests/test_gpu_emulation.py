@@ -8,11 +8,12 @@ reference on any machine; on a GPU, test_dwconv_bn_act.py runs the real kernels.
 import pytest
 import torch
 
-from fastdw.reference import dwconv_bn_act_ref
+from fastdw.reference import dwconv_bn_act_ref, dwconv_bn_act_train_ref
 
 EMU_FWD = torch.ops.fastdw._dwconv_bn_act_gpu_emulated.default
 EMU_BWD = torch.ops.fastdw._dwconv_bn_act_backward_gpu_emulated.default
 PATH = torch.ops.fastdw._dwconv_bn_act_gpu_path.default
+EMU_TRAIN_FWD = torch.ops.fastdw._dwconv_bn_act_train_gpu_emulated.default
 
 CONFIGS = [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 1), (5, 1, 2, 1), (5, 2, 2, 1), (7, 1, 3, 1), (7, 2, 3, 1),
            (3, 1, 2, 2), (4, 3, 0, 1)]
@@ -59,20 +60,150 @@ def test_forward_path_choice():
     assert PATH(x.half(), w.half(), [2, 2], [1, 1], [1, 1]) == "nhwc_win3s2_single"
     big = torch.randn(8, 64, 128, 128).half().to(memory_format=torch.channels_last)  # >= 32768 strip threads
     assert PATH(big, torch.randn(64, 1, 3, 3).half(), [1, 1], [1, 1], [1, 1]) == "nhwc_win3s1_strip"
-    for k, expected in ((5, "nhwc_vec5"), (7, "nhwc_vec7"), (4, "general")):
-        assert PATH(x, torch.randn(16, 1, k, k), [1, 1], [1, 1], [1, 1]) == expected
-    assert PATH(x, w, [1, 1], [2, 2], [2, 2]) == "nhwc_vec3"  # dilation: not the window kernel
-    # NCHW 3x3 stride 1 / 2: its own window kernel; anything else the general path
+    # 5x5 / 7x7: the one-channel-per-thread window kernel, both layouts; other sizes the general path
+    for k in (5, 7):
+        for s in (1, 2):
+            assert PATH(x, torch.randn(16, 1, k, k), [s, s], [k // 2] * 2, [1, 1]) == f"nhwc_scalar_win{k}s{s}"
+            assert PATH(x.contiguous(), torch.randn(16, 1, k, k), [s, s], [k // 2] * 2, [1, 1]) == \
+                f"nchw_scalar_win{k}s{s}"
+    assert PATH(x, torch.randn(16, 1, 4, 4), [1, 1], [1, 1], [1, 1]) == "general"
+    # dilation: the scalar window kernel, one phase per residue of the output index
+    assert PATH(x, w, [1, 1], [2, 2], [2, 2]) == "nhwc_scalar_win3s1d2"
+    assert PATH(x.contiguous(), w, [1, 1], [2, 2], [2, 2]) == "nchw_scalar_win3s1d2"
+    assert PATH(x.contiguous(), torch.randn(16, 1, 5, 5), [2, 2], [4, 4], [3, 3]) == "nchw_scalar_win5s2d3"
+    assert PATH(x, w, [2, 2], [2, 2], [2, 4]) == "nhwc_scalar_win3s2d2x4"  # phase strides 1 and 1
+    assert PATH(x, w, [2, 2], [2, 2], [2, 3]) == "nhwc_vec3"  # phase strides 1 and 2 differ
+    assert PATH(x, w, [1, 2], [1, 1], [1, 1]) == "nhwc_vec3"  # unequal strides
+    assert PATH(x, w, [3, 3], [1, 1], [1, 1]) == "nhwc_vec3"  # stride 3
+    assert PATH(x.contiguous(), w, [3, 3], [1, 1], [1, 1]) == "general"
+    # NCHW 3x3 stride 1 / 2: its own window kernel
     assert PATH(x.contiguous(), w, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
     assert PATH(x.contiguous(), w, [2, 2], [1, 1], [1, 1]) == "nchw_win3s2"
-    assert PATH(x.contiguous(), torch.randn(16, 1, 5, 5), [1, 1], [2, 2], [1, 1]) == "general"
+    # channels_last with C not a multiple of the vector width: the scalar window kernel
     x17 = torch.randn(2, 17, 9, 9).to(memory_format=torch.channels_last)
-    assert PATH(x17, torch.randn(17, 1, 3, 3), [1, 1], [1, 1], [1, 1]) == "general"  # C % 4 != 0
+    assert PATH(x17, torch.randn(17, 1, 3, 3), [1, 1], [1, 1], [1, 1]) == "nhwc_scalar_win3s1"
+    # channels_last-contiguous but 2 bytes off 16-byte alignment: the scalar window kernel
+    assert PATH(_misaligned_cl(torch.randn(2, 16, 9, 9).half()), w.half(), [1, 1], [1, 1], [1, 1]) == \
+        "nhwc_scalar_win3s1"
     # a channels_last view one channel in is not channels_last-contiguous: by the layout rule it is
     # made contiguous (NCHW) and takes the NCHW kernel
     assert PATH(_layout(torch.randn(2, 16, 9, 9), "sliced_cl"), w, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
     x12 = torch.randn(2, 12, 9, 9).half().to(memory_format=torch.channels_last)  # 12 % 8 != 0 in fp16
-    assert PATH(x12, torch.randn(12, 1, 3, 3).half(), [1, 1], [1, 1], [1, 1]) == "general"
+    assert PATH(x12, torch.randn(12, 1, 3, 3).half(), [1, 1], [1, 1], [1, 1]) == "nhwc_scalar_win3s1"
+
+
+def _misaligned_cl(x):
+    """A channels_last-contiguous copy of x whose data starts one element past a 16-byte boundary."""
+    N, C, H, W = x.shape
+    flat = torch.empty(N * C * H * W + 1, dtype=x.dtype)[1:]
+    y = flat.view(N, H, W, C).permute(0, 3, 1, 2)
+    y.copy_(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.data_ptr() % 16 != 0
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_scalar_window_kernel(dtype):
+    """The one-channel-per-thread window kernel: 3x3 with odd C or an unaligned view, 5x5 and 7x7
+    in both layouts, stride 1 and 2, padding 0 to k//2, planes narrower and wider than its strip
+    (8 rows x 8 or 4 columns), every activation, the training op's center through the emulated
+    training forward."""
+    gen = torch.Generator().manual_seed(3)
+    fails, paths = [], set()
+    cases = [(3, 17, "channels_last"), (3, 16, "misaligned"), (5, 12, "channels_last"), (7, 9, "channels_last"),
+             (5, 6, "contiguous"), (7, 5, "contiguous")]
+    for k, C, layout in cases:
+        for s in (1, 2):
+            for H, W in ((1, 1), (7, 9), (19, 17), (12, 3)):
+                for pad in (0, k // 2):
+                    if H + 2 * pad < k or W + 2 * pad < k:
+                        continue
+                    act = ACTS[(H + W + k + s + pad) % len(ACTS)]
+                    x = torch.randn(2, C, H, W, generator=gen).to(dtype)
+                    x = _misaligned_cl(x) if layout == "misaligned" else _layout(x, layout)
+                    w = torch.randn(C, 1, k, k, generator=gen).to(dtype)
+                    sc, sh = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+                    paths.add(PATH(x, w, [s, s], [pad, pad], [1, 1]))
+                    y = EMU_FWD(x, w, sc, sh, [s, s], [pad, pad], [1, 1], act)
+                    ref = dwconv_bn_act_ref(x, w, sc, sh, s, pad, 1, act)
+                    err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+                    if not err <= TOL[dtype]:
+                        fails.append(f"k{k} C{C} {layout} s{s} p{pad} {H}x{W} {act}: rel err {err:.2e}")
+                    if H * W > 4:  # the training forward: center = the batch mean
+                        yt, m, v = EMU_TRAIN_FWD(x, w, None, sc, sh, [s, s], [pad, pad], [1, 1], 1e-5, act)
+                        rt, _, _ = dwconv_bn_act_train_ref(x, w, None, sc, sh, s, pad, 1, 1e-5, act)
+                        err = ((yt.float() - rt).abs().max() / rt.abs().max().clamp_min(1)).item()
+                        if not err <= 4 * TOL[dtype]:
+                            fails.append(f"train k{k} C{C} {layout} s{s} p{pad} {H}x{W} {act}: rel err {err:.2e}")
+    assert {p for p in paths if "scalar_win" in p} >= {"nhwc_scalar_win3s1", "nhwc_scalar_win5s2",
+                                                       "nhwc_scalar_win7s1", "nchw_scalar_win5s1",
+                                                       "nchw_scalar_win7s2"}, paths
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "misaligned"])
+def test_dilated_scalar_window_kernel(layout):
+    """Dilation through the scalar window kernel's phases: dilation 2-5 with stride 1 and 2 (even
+    and odd dilations give phase strides 1 and 2), unequal dilations per axis, padding from 0 to
+    past the dilated half-width, planes smaller than a phase's strip and than the dilated kernel,
+    every activation, and the training forward's center."""
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.float16 if layout == "misaligned" else torch.float32
+    fails, paths = [], set()
+    cases = [(3, 1, (2, 2)), (3, 2, (2, 2)), (3, 1, (4, 4)), (3, 2, (3, 3)), (5, 1, (2, 3)), (7, 2, (2, 2)),
+             (5, 2, (5, 5)), (3, 1, (1, 2))]
+    for k, s, (dh, dw) in cases:
+        for H, W in ((5, 6), (17, 23), (30, 9)):
+            for pad in (0, (k // 2) * dh, (k // 2) * dh + 1):
+                if H + 2 * pad < (k - 1) * dh + 1 or W + 2 * pad < (k - 1) * dw + 1:
+                    continue
+                C = 5 if layout == "contiguous" else 16
+                act = ACTS[(H + k + s + pad + dh) % len(ACTS)]
+                x = torch.randn(2, C, H, W, generator=gen).to(dtype)
+                x = _misaligned_cl(x) if layout == "misaligned" else _layout(x, layout)
+                w = torch.randn(C, 1, k, k, generator=gen).to(dtype)
+                sc, sh = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+                paths.add(PATH(x, w, [s, s], [pad, pad], [dh, dw]))
+                y = EMU_FWD(x, w, sc, sh, [s, s], [pad, pad], [dh, dw], act)
+                ref = dwconv_bn_act_ref(x, w, sc, sh, s, pad, (dh, dw), act)
+                err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+                if not err <= TOL[dtype]:
+                    fails.append(f"k{k} s{s} d{dh}x{dw} p{pad} {H}x{W} {act}: rel err {err:.2e}")
+                yt, _, _ = EMU_TRAIN_FWD(x, w, None, sc, sh, [s, s], [pad, pad], [dh, dw], 1e-5, act)
+                rt, _, _ = dwconv_bn_act_train_ref(x, w, None, sc, sh, s, pad, (dh, dw), 1e-5, act)
+                err = ((yt.float() - rt).abs().max() / rt.abs().max().clamp_min(1)).item()
+                if not err <= 4 * TOL[dtype]:
+                    fails.append(f"train k{k} s{s} d{dh}x{dw} p{pad} {H}x{W} {act}: rel err {err:.2e}")
+    prefix = "nchw" if layout == "contiguous" else "nhwc"
+    assert {f"{prefix}_scalar_win3s1d2", f"{prefix}_scalar_win3s2d3", f"{prefix}_scalar_win5s1d2x3",
+            f"{prefix}_scalar_win7s2d2", f"{prefix}_scalar_win3s1d1x2"} <= paths, paths
+    assert not fails, "\n".join(fails)
+
+
+def test_int32_window_limits():
+    """The window kernels keep 32-bit offsets inside an image and a 32-bit thread decode: a large
+    batch of ordinary images stays on them, an image past 2^31 elements (with its padding and
+    strip overhang) or a thread count past 2^31 goes to the int64 kernels. Uninitialised tensors:
+    nothing is computed or touched (no memory is committed), only the path chosen."""
+    big_batch = torch.empty(16400, 32, 64, 64, dtype=torch.float16, memory_format=torch.channels_last)
+    assert big_batch.numel() > 2 ** 31
+    w3 = torch.empty(32, 1, 3, 3, dtype=torch.float16)
+    assert PATH(big_batch, w3, [1, 1], [1, 1], [1, 1]) == "nhwc_win3s1_strip"
+    assert PATH(big_batch, torch.empty(32, 1, 5, 5, dtype=torch.float16), [1, 1], [2, 2], [1, 1]) == \
+        "nhwc_scalar_win5s1"
+    # one image of 8 x 16384 x 16400 elements: past 2^31
+    shape = (1, 8, 16384, 16400)
+    huge = torch.empty(shape, dtype=torch.float16, memory_format=torch.channels_last)
+    assert huge.numel() > 2 ** 31
+    w8 = torch.empty(8, 1, 3, 3, dtype=torch.float16)
+    assert PATH(huge, w8, [1, 1], [1, 1], [1, 1]) == "nhwc_vec3"
+    assert PATH(torch.empty(shape, dtype=torch.float16), w8, [1, 1], [1, 1], [1, 1]) == "general"
+    # just under: 8 x 16000 x 16000 with the padding and the overhang is still < 2^31
+    near = torch.empty(1, 8, 16000, 16000, dtype=torch.float16, memory_format=torch.channels_last)
+    assert PATH(near, w8, [1, 1], [1, 1], [1, 1]) == "nhwc_win3s1_strip"
+    assert PATH(torch.empty(near.shape, dtype=torch.float16), w8, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
+    # the dilation widens the overhang: the same image at dilation 64 crosses the limit
+    assert PATH(near, w8, [1, 1], [64, 64], [64, 64]) == "nhwc_vec3"
 
 
 def _win_case(N, C, H, W, s, dtype, layout, act, gen):

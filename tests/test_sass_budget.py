@@ -1,10 +1,11 @@
 """The static performance budget of the CUDA kernels (scripts/sass_budget.py), read from the SASS
 of this build for sm_90: a property of the compiled code, deterministic, no GPU needed.
 
-Fails when a fast-path kernel (the channels_last fp16/bf16 and NCHW fp32 forward window kernels)
-spends more thread-instructions per output element than its budget, spills, keeps fewer than 8
-warps resident per SM, or (channels_last fp16/bf16) makes a global load or store narrower than
-128 bits; and when a fallback breaks 3x its class's budget.
+Fails when a fast-path kernel (the channels_last fp16/bf16 3x3 / 5x5 / 7x7 and the NCHW fp32 3x3
+forward window kernels) spends more thread-instructions per output element than its budget,
+spills, keeps fewer than 8 warps resident per SM, or (channels_last fp16/bf16 3x3) makes a global
+load or store narrower than 128 bits; and when the channels_last 3x3 fallback (C % 8 != 0,
+unaligned) breaks 3x its class's budget.
 """
 import importlib.util
 import sys
@@ -29,7 +30,7 @@ def _report():
         sb.find_tools()
     except SystemExit as e:
         pytest.skip(str(e))
-    return sb.report(fastdw._C.__file__, "90", r"Fwd(Win|Nchw|General|Vec)<")
+    return sb.report(fastdw._C.__file__, "90", r"Fwd(Win|Nchw|ScalarWin|General|Vec)<")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def kernels():
 def test_fast_paths_are_there(kernels):
     names = {k.kernel for k in kernels}
     for want in ("FwdWin<Half, relu6, 3, 1, 16, 2, false>", "FwdWin<BFloat16, hardswish, 3, 2, 16, 1, false>",
-                 "FwdNchw<float, relu6, 3, 1, 16, 4, false>", "FwdNchw<float, silu, 3, 2, 8, 4, false>"):
+                 "FwdNchw<float, relu6, 3, 1, 16, 4, false>", "FwdNchw<float, silu, 3, 2, 8, 4, false>",
+                 "FwdScalarWin<Half, 5, 1, 8, 8, true, false, false>",
+                 "FwdScalarWin<BFloat16, 7, 1, 8, 8, true, true, false>"):
         assert want in names, sorted(names)
 
 
@@ -54,6 +57,20 @@ def test_fast_paths_meet_their_budget(kernels):
         if k.tag == "FwdWin" and k.S == 1 and k.act in ("none", "relu", "relu6"):
             assert k.instr_per_output <= 20, (k.kernel, k.instr_per_output)
             assert k.load_bits == [128] and k.store_bits == [128], (k.kernel, k.load_bits, k.store_bits)
+
+
+def test_fallbacks_within_three_times_their_class(kernels):
+    """C % vec != 0 and unaligned views (3x3 channels_last) and dilation (any K) take FwdScalarWin:
+    held to 3x the fast budget of their class."""
+    fallbacks = [k for k in kernels if k.tag == "FwdScalarWin" and k.budget is not None and not k.fast_path]
+    names = {k.kernel for k in fallbacks}
+    for want in ("FwdScalarWin<Half, 3, 1, 8, 8, true, false, false>",  # C % 8 != 0 / unaligned
+                 "FwdScalarWin<Half, 3, 1, 8, 8, true, false, true>",  # dilated, every activation
+                 "FwdScalarWin<float, 3, 2, 8, 4, false, false, true>",  # NCHW fp32 dilated
+                 "FwdScalarWin<BFloat16, 7, 1, 8, 8, true, false, true>"):
+        assert want in names, sorted(names)
+    bad = [f"{k.kernel}: {k.note}" for k in fallbacks if not k.ok]
+    assert not bad, "\n".join(bad)
 
 
 def test_no_forward_kernel_spills(kernels):
