@@ -869,13 +869,14 @@ inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool alig
       threads = fwd_scalar_win_threads(p, kScalarTH, scalar_tw(S));
     }
   }
-  // The window kernels use int32 offsets inside an image (the image base is int64) and a 32-bit
-  // thread decode: an image with its padding and the rows and columns a strip may address past
-  // either edge (at most (16 - 1) * 2 + 7 rows and 15 columns, times the dilation) and the
-  // thread count must stay under 2^31; larger problems take the int64 kernels below. A large
-  // batch of ordinary images stays on the window kernels.
-  const int64_t img = (p.H + 2 * p.pad_h + 80 * p.dil_h) * (p.W + 2 * p.pad_w + 16 * p.dil_w) * p.C;
-  const int64_t out_img = (p.OH + 80) * (p.OW + 16) * p.C;
+  // The window kernels use int32 offsets inside an image (channels_last) or a plane (NCHW; the
+  // image / plane base is int64) and a 32-bit thread decode: an image with its padding and the
+  // rows and columns a strip may address past either edge (at most (16 - 1) * 2 + 7 rows and 15
+  // columns, times the dilation) and the thread count must stay under 2^31; larger problems take
+  // the int64 kernels below. A large batch of ordinary images stays on the window kernels.
+  const int64_t cw = p.channels_last ? p.C : 1;
+  const int64_t img = (p.H + 2 * p.pad_h + 80 * p.dil_h) * (p.W + 2 * p.pad_w + 16 * p.dil_w) * cw;
+  const int64_t out_img = (p.OH + 80) * (p.OW + 16) * cw;
   ch.idx64 = img >= lim || out_img >= lim || threads >= lim;
   if (k357 && !ch.idx64) return ch;
   ch.path = FwdPath::General;

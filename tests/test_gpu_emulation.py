@@ -197,13 +197,22 @@ def test_int32_window_limits():
     assert huge.numel() > 2 ** 31
     w8 = torch.empty(8, 1, 3, 3, dtype=torch.float16)
     assert PATH(huge, w8, [1, 1], [1, 1], [1, 1]) == "nhwc_vec3"
-    assert PATH(torch.empty(shape, dtype=torch.float16), w8, [1, 1], [1, 1], [1, 1]) == "general"
+    # the same tensor in NCHW: 8 planes of 2.7e8 elements, each within int32
+    assert PATH(torch.empty(shape, dtype=torch.float16), w8, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
     # just under: 8 x 16000 x 16000 with the padding and the overhang is still < 2^31
     near = torch.empty(1, 8, 16000, 16000, dtype=torch.float16, memory_format=torch.channels_last)
     assert PATH(near, w8, [1, 1], [1, 1], [1, 1]) == "nhwc_win3s1_strip"
     assert PATH(torch.empty(near.shape, dtype=torch.float16), w8, [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
     # the dilation widens the overhang: the same image at dilation 64 crosses the limit
     assert PATH(near, w8, [1, 1], [64, 64], [64, 64]) == "nhwc_vec3"
+    # NCHW offsets span one plane: 2048 planes of 1024 x 1024 (2^31 elements) stay on the window
+    # kernel, a single plane past 2^31 elements does not
+    h = dict(dtype=torch.float16)
+    planes = torch.empty(1, 2048, 1024, 1024, **h)
+    assert PATH(planes, torch.empty(2048, 1, 3, 3, **h), [1, 1], [1, 1], [1, 1]) == "nchw_win3s1"
+    assert PATH(planes, torch.empty(2048, 1, 5, 5, **h), [1, 1], [2, 2], [2, 2]) == "nchw_scalar_win5s1d2"
+    assert PATH(torch.empty(1, 1, 46400, 46400, **h), torch.empty(1, 1, 3, 3, **h), [1, 1], [1, 1], [1, 1]) == \
+        "general"
 
 
 def _win_case(N, C, H, W, s, dtype, layout, act, gen):
