@@ -3,6 +3,9 @@
 #include <string>
 #include <vector>
 
+#ifdef FASTDW_HAVE_BUILD_VERSION_H
+#include "fastdw_build_version.h"  // written by setup.py (the CMake build passes -D flags)
+#endif
 #ifndef FASTDW_VERSION_STR
 #define FASTDW_VERSION_STR "unknown"
 #endif
