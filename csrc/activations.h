@@ -32,15 +32,17 @@ FASTDW_HD double fexp(double x) {
 #endif
 }
 
-// min(max(u, lo), hi) with NaN passing through (as std::min(std::max(...)) does).
+// min(max(u, lo), hi) with NaN passing through (as std::min(std::max(...)) does), by compares
+// and selects on every target.
 template <typename T>
-FASTDW_HD T clamp_nan(T u, T lo, T hi) {
+FASTDW_HD T clamp_nan_sel(T u, T lo, T hi) {
   return u < lo ? lo : (u > hi ? hi : u);
 }
 
+// The same clamp; specialised below where the target has a cheaper form.
 template <typename T>
-FASTDW_HD T clamp_nan_sel(T u, T lo, T hi) {  // compares and selects on every target
-  return u < lo ? lo : (u > hi ? hi : u);
+FASTDW_HD T clamp_nan(T u, T lo, T hi) {
+  return clamp_nan_sel(u, lo, hi);
 }
 
 // fp32 on sm_80+: max.NaN / min.NaN return NaN when an operand is NaN, so the clamp is two

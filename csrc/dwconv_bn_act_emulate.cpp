@@ -4,7 +4,11 @@
 // atomics), so looping over them in any order reproduces the GPU result; tests compare it with
 // the reference on every machine, GPU or not. Debug ops: slow, not for users.
 #include <ATen/Parallel.h>
+#include <c10/util/Type.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 #include "dwconv_bn_act_train_gpu_host.h"
 
@@ -17,6 +21,18 @@ struct CpuExec {
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) Tag::body(a, i);
     });
+  }
+};
+
+// Runs nothing: records the name of each kernel a schedule launches ("PackParams", "FwdWin", ...).
+struct ListExec {
+  std::vector<std::string>* names;
+  template <class Tag, class ArgT>
+  void operator()(Tag, const ArgT&, int64_t) const {
+    std::string n = c10::demangle_type<Tag>();
+    n = n.substr(0, n.find('<'));
+    const size_t colon = n.rfind("::");
+    names->push_back(colon == std::string::npos ? n : n.substr(colon + 2));
   }
 };
 
@@ -56,6 +72,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulated_train_bwd(
                        std::string(act), output_mask, CpuExec{});
 }
 
+std::vector<std::string> emulated_fwd_launches(const at::Tensor& x, const at::Tensor& weight,
+                                               const c10::optional<at::Tensor>& scale,
+                                               const c10::optional<at::Tensor>& shift, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view act) {
+  GpuFwdPlan g = plan_fwd(x, weight, scale, shift, stride, padding, dilation, std::string(act));
+  std::vector<std::string> names;
+  schedule_fwd(g, ListExec{&names});
+  return names;
+}
+
 inline bool p_is_cl(const GpuFwdPlan& g) { return g.args.p.channels_last; }
 
 // "" without dilation, "d2" for dilation (2, 2), "d2x4" for (2, 4)
@@ -91,6 +117,7 @@ TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
   m.impl("_dwconv_bn_act_gpu_emulated", &emulated_fwd);
   m.impl("_dwconv_bn_act_backward_gpu_emulated", &emulated_bwd);
   m.impl("_dwconv_bn_act_gpu_path", &emulated_fwd_path);
+  m.impl("_dwconv_bn_act_gpu_launches", &emulated_fwd_launches);
   m.impl("_dwconv_bn_act_train_gpu_emulated", &emulated_train_fwd);
   m.impl("_dwconv_bn_act_train_backward_gpu_emulated", &emulated_train_bwd);
 }

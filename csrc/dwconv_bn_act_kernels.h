@@ -834,11 +834,21 @@ FASTDW_HD int64_t gcd64(int64_t a, int64_t b) {
 inline int64_t dil_phases(int64_t s, int64_t d) { return d / gcd64(s, d); }
 inline int64_t phase_stride(int64_t s, int64_t d) { return s / gcd64(s, d); }
 
+// fwd_scalar_win's grid: Ph x Pw output phases, each cut into strips of th x tw of its
+// ceil(OH / Ph) x ceil(OW / Pw) outputs (the largest phase); rows / cols: strips over all phases.
+struct ScalarWinGrid {
+  int64_t ph, pw, rows, cols;
+};
+inline ScalarWinGrid scalar_win_grid(const DwConvParams& p, int th, int tw) {
+  const int64_t ph = dil_phases(p.stride_h, p.dil_h), pw = dil_phases(p.stride_w, p.dil_w);
+  const int64_t oh = (p.OH + ph - 1) / ph, ow = (p.OW + pw - 1) / pw;
+  return {ph, pw, ph * ((oh + th - 1) / th), pw * ((ow + tw - 1) / tw)};
+}
+
 // fwd_scalar_win's thread count: N * C * row strips * column strips, over all phases.
 inline int64_t fwd_scalar_win_threads(const DwConvParams& p, int th, int tw) {
-  const int64_t ph = dil_phases(p.stride_h, p.dil_h), pw = dil_phases(p.stride_w, p.dil_w);
-  const int64_t oh = (p.OH + ph - 1) / ph, ow = (p.OW + pw - 1) / pw;  // the largest phase
-  return p.N * p.C * (ph * ((oh + th - 1) / th)) * (pw * ((ow + tw - 1) / tw));
+  const ScalarWinGrid g = scalar_win_grid(p, th, tw);
+  return p.N * p.C * g.rows * g.cols;
 }
 
 inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool aligned16) {
@@ -858,7 +868,7 @@ inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool alig
       threads = fwd_scalar_win_threads(p, kScalarTH, scalar_tw(static_cast<int>(svh)));
     } else if (!p.channels_last && p.KH == 3) {
       ch.path = S == 1 ? FwdPath::Nchw3S1 : FwdPath::Nchw3S2;
-      threads = p.N * p.C * ((p.OH + strip_h(S) - 1) / strip_h(S)) * ((p.OW + kNchwTW - 1) / kNchwTW);
+      threads = fwd_nchw_win_threads(p, strip_h(S), kNchwTW);
     } else if (vec_ok && p.KH == 3) {
       ch.path = S == 1 ? FwdPath::Win3S1 : FwdPath::Win3S2;
       threads = fwd_win_threads(p, vec, nhwc_strip_h(S), strip_w(S));

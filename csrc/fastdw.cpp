@@ -50,4 +50,9 @@ TORCH_LIBRARY(fastdw, m) {
       "Tensor weight, Tensor? gamma, Tensor? beta, Tensor mean, Tensor var, int[2] stride, int[2] padding, "
       "int[2] dilation, float eps, str act, bool[4] output_mask, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_dwconv_bn_act_gpu_path(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> str");
+  // The kernels the GPU forward launches for these arguments, in order (the pack launch absent
+  // when weight / scale / shift are prepacked; tests of the launches per call).
+  m.def(
+      "_dwconv_bn_act_gpu_launches(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int[2] stride, "
+      "int[2] padding, int[2] dilation, str act) -> str[]");
 }

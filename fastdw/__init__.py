@@ -48,7 +48,7 @@ except ImportError as e:  # a source tree without a build, or a build for anothe
     _C_IMPORT_ERROR = f"{e} (torch {_torch.__version__}: fastdw must be built against the torch it runs with)"
 
 from ._utils import ACTIVATIONS, BACKENDS, output_memory_format
-from .ops import available_backends, dwconv_bn_act, dwconv_bn_act_train, resolve_backend
+from .ops import available_backends, dwconv_bn_act, dwconv_bn_act_train, prepack_params, resolve_backend
 from .nn import DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
 from .convert import convert, revert
 
@@ -97,7 +97,8 @@ def set_cpu_isa(name: str) -> str:
 
 
 __all__ = [
-    "__version__", "ACTIVATIONS", "BACKENDS", "HAS_EXT", "dwconv_bn_act", "dwconv_bn_act_train", "available_backends",
+    "__version__", "ACTIVATIONS", "BACKENDS", "HAS_EXT", "dwconv_bn_act", "dwconv_bn_act_train", "prepack_params",
+    "available_backends",
     "resolve_backend", "output_memory_format", "DWConvBNAct2d", "FoldedBatchNorm2d", "fold_bn",
     "convert", "revert", "build_info", "cpu_isa", "set_cpu_isa",
 ]

@@ -231,8 +231,13 @@ class LayerBench:
         return self._ref_train
 
     def _fused(self, backend):
+        """The fused inference layer as a converted model runs it (DWConvBNAct2d in eval): on the
+        CUDA backend with its parameters prepacked once (no pack launch per call)."""
         L = self.L
-        return lambda x: fastdw.dwconv_bn_act(x, self.w, self.scale, self.shift, L.stride, L.padding, 1, self.act,  # noqa: E731
+        w, scale, shift = self.w, self.scale, self.shift
+        if backend == "cuda":
+            w, scale, shift = fastdw.prepack_params(w, scale, shift)
+        return lambda x: fastdw.dwconv_bn_act(x, w, scale, shift, L.stride, L.padding, 1, self.act,  # noqa: E731
                                               backend=backend)
 
     def _bwd_op(self, backend):

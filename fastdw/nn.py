@@ -177,6 +177,7 @@ class DWConvBNAct2d(nn.Module):
         self.act = _check_act(act)
         self.backend = backend
         self.__dict__["_fold_cache"] = None
+        self.__dict__["_pack_cache"] = None
         self.__dict__["_fastdw_orig"] = None
 
     def reset_parameters(self) -> None:
@@ -250,6 +251,36 @@ class DWConvBNAct2d(nn.Module):
             self.__dict__["_fold_cache"] = (key, scale, shift)
         return scale, shift
 
+    def _use_prepacked(self, x: torch.Tensor) -> bool:
+        """Whether inference passes the packed parameters (fastdw.prepack_params), cached: on
+        the CUDA backend, outside autograd and tracing, where it saves the pack launch."""
+        from .ops import resolve_backend
+
+        return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and resolve_backend(self.backend, x.device) == "cuda")
+
+    def _prepacked(self, bn, scale, shift):
+        """(weight, scale, shift) as views of one packed buffer, cached while the weight, the
+        BatchNorm parameters and buffers and the conv bias are unchanged (the fold cache's key
+        plus the weight's identity, version and storage)."""
+        from .ops import prepack_params
+
+        key = self._fold_key(bn)
+        if key is not None:
+            w = self.weight
+            try:
+                key = key + ((id(w), w._version, w.data_ptr(), w.device, w.dtype),)
+            except RuntimeError:  # an inference tensor: no version counter
+                key = None
+        cache = self._pack_cache
+        if key is not None and cache is not None and cache[0] == key:
+            return cache[1]
+        packed = prepack_params(self.weight, scale, shift)
+        if key is not None:
+            self.__dict__["_pack_cache"] = (key, packed)
+        return packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .ops import dwconv_bn_act
 
@@ -260,8 +291,11 @@ class DWConvBNAct2d(nn.Module):
         scale, shift = self._folded(bn)
         if scale.dtype != x.dtype and scale.dtype != torch.float32:  # fp64 BN, lower-precision x
             scale, shift = scale.float(), shift.float()
+        weight = self.weight
+        if self._use_prepacked(x):
+            weight, scale, shift = self._prepacked(bn, scale, shift)
         return dwconv_bn_act(
-            x, self.weight, scale, shift,
+            x, weight, scale, shift,
             stride=self.stride, padding=self.padding, dilation=self.dilation,
             act=self.act, backend=self.backend,
         )

@@ -382,6 +382,40 @@ def dwconv_bn_act(
     return _fwd_op(x, weight, scale, shift, stride, padding, dilation, act)
 
 
+def prepack_params(
+    weight: torch.Tensor, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-channel parameters of `dwconv_bn_act` packed once, for repeated inference calls.
+
+    Returns (weight, scale, shift) as float32 views of one (kH*kW + 2, C) buffer in the layout the
+    CUDA kernels read (weight tap-major, then scale, then shift; 16-byte aligned). Passed to
+    `dwconv_bn_act` in place of the originals they give the same result on every backend, and
+    the CUDA backend reads them in place instead of packing them at every call (one kernel launch
+    less per call). They are detached copies: pack again after the parameters change, and use
+    the originals where gradients for them are wanted. `DWConvBNAct2d` (and so every converted
+    model) does this itself in inference, cached until a parameter or BatchNorm buffer changes.
+    None for scale / shift means 1 / 0, as in `dwconv_bn_act`.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError("fastdw: prepack_params: weight must be a (C, 1, kH, kW) tensor; got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    C, _, KH, KW = weight.shape
+    T = KH * KW
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != C):
+            raise ValueError(f"fastdw: prepack_params: {name} must be a ({C},) tensor like the weight's channels; "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"fastdw: prepack_params: {name} must be on the weight's device ({weight.device}); "
+                             f"got {t.device}")
+    with torch.no_grad():
+        buf = torch.empty((T + 2, C), dtype=torch.float32, device=weight.device)
+        buf[:T].copy_(weight.detach().reshape(C, T).t())
+        buf[T].copy_(scale.detach()) if scale is not None else buf[T].fill_(1.0)
+        buf[T + 1].copy_(shift.detach()) if shift is not None else buf[T + 1].fill_(0.0)
+    return buf[:T].t().view(C, 1, KH, KW), buf[T], buf[T + 1]
+
+
 def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
     """What both public functions do before calling an op: type and device checks the ops cannot
     make (they dispatch on x), (h, w) pairs, the backend, and x made contiguous when it is in

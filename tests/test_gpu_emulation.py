@@ -281,6 +281,82 @@ def test_packed_parameters_read_any_strides_and_dtypes():
             assert ((yc.float() - ref).abs().max() / ref.abs().max()).item() <= tol
 
 
+LAUNCHES = torch.ops.fastdw._dwconv_bn_act_gpu_launches.default
+
+
+@pytest.mark.parametrize("case", ["cl_fp16_3x3s1", "cl_bf16_3x3s2", "nchw_fp32_3x3s1", "cl_fp32_5x5s1",
+                                  "cl_fp16_c12_3x3", "nchw_fp32_7x7s2_d2", "cl_fp32_k4_general"])
+def test_prepacked_parameters_skip_the_pack_launch(case):
+    """fastdw.prepack_params: the forward reads the packed views in place (one launch per call,
+    not two) and gives bitwise the result of the original parameters."""
+    import fastdw
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.split("_")[1]]
+    C = 12 if "c12" in case else 16
+    k = int(case.split("x")[-1][0]) if "x" in case else 4
+    s = 2 if "s2" in case else 1
+    d = 2 if "_d2" in case else 1
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, C, 13, 11, generator=gen).to(dtype)
+    x = x.contiguous() if case.startswith("nchw") else x.to(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, k, k, generator=gen).to(dtype)
+    sc, sh = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
+    pw, ps, pb = fastdw.prepack_params(w, sc, sh)
+    assert pw.dtype == ps.dtype == pb.dtype == torch.float32 and pw.shape == w.shape
+    args = ([s, s], [k // 2 * d] * 2, [d, d], "hardswish")
+    plain = LAUNCHES(x, w, sc, sh, *args)
+    assert plain[0] == "PackParams" and len(plain) == 2, plain
+    assert LAUNCHES(x, pw, ps, pb, *args) == plain[1:]
+    y = EMU_FWD(x, w, sc, sh, *args)
+    assert torch.equal(EMU_FWD(x, pw, ps, pb, *args), y)
+    ref = dwconv_bn_act_ref(x, w, sc, sh, s, k // 2 * d, d, "hardswish")
+    assert ((y.float() - ref).abs().max() / ref.abs().max()).item() <= TOL[dtype]
+    # the inference backward reads them in place too: same dx
+    dy = torch.randn(y.shape, generator=gen).to(dtype).to(memory_format=torch.channels_last
+                                                         if x.is_contiguous(memory_format=torch.channels_last)
+                                                         else torch.contiguous_format)
+    mask = [True, False, False, False]
+    assert torch.equal(EMU_BWD(dy, x, pw, ps, pb, *args, mask, True)[0], EMU_BWD(dy, x, w, sc, sh, *args, mask, True)[0])
+
+
+def test_prepack_recognition_is_by_address_only():
+    """Views that are not exactly the packed layout (an offset base, separate scale / shift, a
+    missing shift) are packed as usual, and every variant computes the same numbers."""
+    import fastdw
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 8, 9, 9, generator=gen).to(memory_format=torch.channels_last)
+    w, sc, sh = torch.randn(8, 1, 3, 3, generator=gen), torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
+    pw, ps, pb = fastdw.prepack_params(w, sc, sh)
+    args = ([1, 1], [1, 1], [1, 1], "relu6")
+    y = EMU_FWD(x, w, sc, sh, *args)
+    # the same layout one float further on: not 16-byte aligned
+    flat = torch.zeros(11 * 8 + 1)
+    flat[1:].copy_(torch.cat([pw.permute(2, 3, 0, 1).reshape(9, 8), ps[None], pb[None]]).reshape(-1))
+    qw, qs, qb = flat[1:73].view(9, 8).t().view(8, 1, 3, 3), flat[73:81], flat[81:89]
+    assert torch.equal(qw, pw) and torch.equal(qs, ps) and torch.equal(qb, pb)
+    for ww, a, b in ((qw, qs, qb), (pw, ps.clone(), pb), (pw, ps, pb.clone()), (pw, ps, None)):
+        assert LAUNCHES(x, ww, a, b, *args)[0] == "PackParams"
+        want = y if b is not None else EMU_FWD(x, w, sc, None, *args)
+        assert torch.equal(EMU_FWD(x, ww, a, b, *args), want)
+    assert LAUNCHES(x, pw, ps, pb, *args)[0] != "PackParams"
+    # scale / shift None: packed as 1 / 0
+    nw, ns, nb = fastdw.prepack_params(w)
+    assert torch.equal(ns, torch.ones(8)) and torch.equal(nb, torch.zeros(8))
+    assert torch.equal(EMU_FWD(x, nw, ns, nb, *args), EMU_FWD(x, w, None, None, *args))
+
+
+def test_prepack_params_errors():
+    import fastdw
+
+    with pytest.raises(ValueError, match=r"\(C, 1, kH, kW\)"):
+        fastdw.prepack_params(torch.randn(8, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"scale must be a \(8,\) tensor"):
+        fastdw.prepack_params(torch.randn(8, 1, 3, 3), torch.ones(7))
+    with pytest.raises(ValueError, match=r"shift must be a \(8,\) tensor"):
+        fastdw.prepack_params(torch.randn(8, 1, 3, 3), None, torch.ones(8, 1))
+
+
 def test_unaligned_channels_last_input_is_correct():
     x = _layout(torch.randn(2, 16, 9, 9), "sliced_cl")
     w = torch.randn(16, 1, 3, 3)

@@ -215,6 +215,36 @@ def test_eval_cache_follows_parameter_updates():
     assert fused.bn.weight.grad is not None and fused.bias.grad is not None
 
 
+def test_eval_passes_cached_packed_parameters(monkeypatch):
+    """Inference on the CUDA backend passes fastdw.prepack_params views (the kernels then skip
+    the pack launch), cached while nothing changes. The decision is forced on here so the CPU
+    kernels run the same module code: same numbers, one pack per parameter state."""
+    torch.manual_seed(1)
+    fused, ref = _standalone_pair(6, 3, 2, True, "relu6")
+    fused.eval(), ref.eval()
+    x = torch.randn(2, 6, 9, 9)
+    assert not fused._use_prepacked(x)  # a CPU tensor: never
+    monkeypatch.setattr(DWConvBNAct2d, "_use_prepacked", lambda self, x: not torch.is_grad_enabled())
+    with torch.no_grad():
+        _assert_close(fused(x), ref(x), "prepacked")
+        first = fused._pack_cache
+        assert first is not None and first[1][0].dtype == torch.float32
+        fused(x)
+        assert fused._pack_cache is first  # a hit: nothing packed again
+        fused.weight.mul_(-0.5)
+        ref[0].weight.mul_(-0.5)
+        _assert_close(fused(x), ref(x), "after a weight update")
+        assert fused._pack_cache is not first
+        second = fused._pack_cache
+        fused.bn.running_var.add_(0.25)
+        ref[1].running_var.add_(0.25)
+        _assert_close(fused(x), ref(x), "after a BN buffer update")
+        assert fused._pack_cache is not second
+    # with grad enabled the parameters themselves go in, and gradients reach them
+    fused(x).sum().backward()
+    assert fused.weight.grad is not None and fused.bn.weight.grad is not None
+
+
 # --------------------------------------------------------------------------------------------
 # Whole networks
 
