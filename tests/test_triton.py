@@ -28,6 +28,7 @@ from conftest import (
     ref_forward,
     report,
     skip_unsupported,
+    to_layout,
 )
 from test_dwconv_bn_act import BWD_CONFIGS, FWD_CONFIGS, NAMES, SHAPE, backward_failures, forward_failures
 
@@ -249,6 +250,68 @@ def test_fp32_weight_lowp_x(device, dtype):
                              backend="triton", raw_op=OP)
     fails += backward_failures(x, w, s, b, 1, 1, 1, "relu6", backend="triton")
     assert not fails, fails
+
+
+def _views(C, device, kind, fill):
+    """A (C,) parameter that is not dense: every other element of a longer buffer, or one value
+    expanded (stride 0); returned with its dense clone and the leaf gradients flow to."""
+    if kind == "strided":
+        leaf = fill(2 * C + 1).to(device).requires_grad_(True)
+        view = leaf[1::2]
+    else:
+        leaf = fill(1).to(device).requires_grad_(True)
+        view = leaf.expand(C)
+    dense = view.detach().clone().requires_grad_(True)
+    return leaf, view, dense
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_noncontiguous_parameters(device, kind, layout):
+    """scale / shift / bias / gamma / beta as strided or expanded (stride-0) views, and the weight
+    as a prepacked view: the same bits as dense copies, forward and every gradient, inference
+    and training ops (these views were once read as if dense)."""
+    torch.manual_seed(3)
+    N, C, H, W = _small(device)
+    x = to_layout(torch.randn(N, C, H, W, device=device), layout).requires_grad_(True)
+    w = (torch.randn(C, 1, 3, 3, device=device) / 3).requires_grad_(True)
+    gy = torch.randn(N, C, H, W, device=device)
+    pos = lambda n: torch.rand(n) * 2 + 0.5  # noqa: E731
+    neg = lambda n: torch.randn(n)  # noqa: E731
+
+    # inference op: scale, shift
+    (sl, sv, sd), (bl, bv, bd) = _views(C, device, kind, pos), _views(C, device, kind, neg)
+    y = _fwd(x, w, sv, bv, act="hardswish")
+    yd = _fwd(x, w, sd, bd, act="hardswish")
+    assert torch.equal(y, yd)
+    g = torch.autograd.grad(y, [x, w, sl, bl], gy)
+    gd = torch.autograd.grad(yd, [x, w, sd, bd], gy)
+    assert torch.equal(g[0], gd[0]) and torch.equal(g[1], gd[1])
+    # the leaf's gradient is the view's, scattered (strided) or summed (expanded)
+    for leaf_g, dense_g in ((g[2], gd[2]), (g[3], gd[3])):
+        want = torch.zeros_like(leaf_g)
+        if kind == "strided":
+            want[1::2] = dense_g
+        else:
+            want[0] = dense_g.sum()
+        torch.testing.assert_close(leaf_g, want, rtol=1e-6, atol=1e-6)
+    # a prepacked weight (a (C, 1, 3, 3) view with strides (1, *, 3C, C)) with dense scale / shift
+    pw, ps, pb = fastdw.prepack_params(w.detach(), sd.detach(), bd.detach())
+    assert torch.equal(_fwd(x.detach(), pw, ps, pb, act="hardswish"), yd.detach())
+
+    # training op: bias, gamma, beta
+    (bil, biv, bid), (gl, gv, gd_), (bel, bev, bed) = (_views(C, device, kind, neg), _views(C, device, kind, pos),
+                                                       _views(C, device, kind, neg))
+    out = fastdw.dwconv_bn_act_train(x, w, biv, gv, bev, act="silu", backend="triton")
+    outd = fastdw.dwconv_bn_act_train(x, w, bid, gd_, bed, act="silu", backend="triton")
+    for a, b in zip(out, outd):
+        assert torch.equal(a, b)
+    loss = lambda o: (o[0] * gy).sum() + o[1].sum() * 0.5 + o[2].sum() * 0.25  # noqa: E731
+    g = torch.autograd.grad(loss(out), [x, w, biv, gv, bev])
+    gd = torch.autograd.grad(loss(outd), [x, w, bid, gd_, bed])
+    for a, b in zip(g, gd):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -502,11 +502,14 @@ def _check_bwd(grad_out, x, OH, OW, output_mask):
 
 
 def _common(x, weight, scale, shift, stride, padding, dilation, act):
+    """What every launch reads, made dense: the kernels index the weight as (C, kH*kW) and the
+    per-channel vectors as (C,) with unit stride, so a strided view, an expanded (stride-0)
+    tensor or a prepacked weight (fastdw.prepack_params) is copied first (C + C*kH*kW elements)."""
     N, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
     wt = weight.reshape(C, KH * KW).contiguous()
     return dict(N=N, C=C, H=H, W=W, KH=KH, KW=KW, wt=wt,
-                s=scale if scale is not None else wt, b=shift if shift is not None else wt,
+                s=scale.contiguous() if scale is not None else wt, b=shift.contiguous() if shift is not None else wt,
                 cl=_channels_fast(x), act=_ACT_ID[act], C_BUCKET=_next_pow2(C))
 
 
