@@ -19,6 +19,19 @@ from torch.nn.modules.utils import _pair
 
 from ._utils import conv_out_size
 
+
+def _tracing() -> bool:
+    """Inside torch.compile / torch.export (dynamo) or torch.jit.trace: no cached tensors."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _not_scriptable(self):
+    raise RuntimeError(
+        f"fastdw: {type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
+        "compile its Python dispatch to the fastdw ops). Use torch.export.export (or "
+        "torch.compile) for a graph, or torch.jit.trace, which records the fastdw ops and keeps the "
+        "BatchNorm folding in the graph.")
+
 __all__ = ["fold_bn", "activation_kind", "FoldedBatchNorm2d", "DWConvBNAct2d"]
 
 # Activation kinds of the op, with the functional form used after batch-statistics BatchNorm.
@@ -139,6 +152,8 @@ class DWConvBNAct2d(nn.Module):
     backend: passed to `fastdw.dwconv_bn_act` ("auto", "cuda", "triton", "cpu").
     """
 
+    __prepare_scriptable__ = _not_scriptable  # torch.jit.script: a clear error, not a parse failure
+
     def __init__(
         self,
         channels: int,
@@ -239,8 +254,10 @@ class DWConvBNAct2d(nn.Module):
 
     def _folded(self, bn) -> Tuple[torch.Tensor, torch.Tensor]:
         # Only cache outside autograd (a cached result would detach the BN parameters from the
-        # graph) and outside tracing (dynamo must see the folding as part of the graph).
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # graph) and outside tracing: dynamo must see the folding as part of the graph, and
+        # torch.jit.trace would bake a cached result in as constants (stale after
+        # load_state_dict); traced, the parameters and buffers stay inputs of the graph.
+        if torch.is_grad_enabled() or _tracing():
             return fold_bn(bn, self.bias)
         key = self._fold_key(bn)
         cache = self._fold_cache
@@ -257,7 +274,7 @@ class DWConvBNAct2d(nn.Module):
         from .ops import resolve_backend
 
         return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.is_grad_enabled() and not _tracing()
                 and resolve_backend(self.backend, x.device) == "cuda")
 
     def _prepacked(self, bn, scale, shift):

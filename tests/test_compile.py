@@ -132,3 +132,26 @@ def test_compile_reduce_overhead_cuda_graphs():
         for _ in range(3):
             y = compiled(x)
     torch.testing.assert_close(y, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_jit_trace_keeps_batchnorm_folding_in_the_graph():
+    """torch.jit.trace under no_grad of a converted block that has already run (its fold cache
+    full): the folding is traced, so the traced module follows load_state_dict like eager does
+    (it once baked the cached scale / shift in as constants: relative error ~1 after new stats)."""
+    blk, fused = _block("cpu", train=False)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        fused(x)  # fills the eval fold cache
+        traced = torch.jit.trace(fused, (x,), check_trace=False)
+        assert any("fastdw::dwconv_bn_act" in str(n.kind()) for n in traced.inlined_graph.nodes())
+        torch.testing.assert_close(traced(x), blk(x), rtol=1e-5, atol=1e-5)
+        new = _randomize_bn(copy.deepcopy(blk), seed=5)
+        blk.load_state_dict(new.state_dict())
+        traced.load_state_dict(new.state_dict())
+        torch.testing.assert_close(traced(x), blk(x), rtol=1e-5, atol=1e-5)
+
+
+def test_jit_script_refuses_with_a_clear_message():
+    _, fused = _block("cpu", train=False)
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.export"):
+        torch.jit.script(fused)
