@@ -213,5 +213,11 @@ setup(
     cmdclass={"build_ext": FastdwBuildExt},
     python_requires=">=3.10",
     install_requires=[],
+    # what the test suite and the benchmark tools need beyond torch (torchvision and timm for the
+    # network tests and conversions, matplotlib for `bench/report.py --plot`)
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "expecttest", "torchvision", "timm"],
+        "bench": ["pytest-benchmark", "torchvision", "matplotlib"],
+    },
     zip_safe=False,
 )

@@ -165,7 +165,8 @@ def plot(res: dict, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("report: --plot needs matplotlib (pip install matplotlib)") from None
+        raise SystemExit("report: --plot needs matplotlib (pip install matplotlib, or the bench extra: "
+                         "pip install --no-build-isolation -e '.[bench]')") from None
     groups = defaultdict(lambda: defaultdict(dict))
     for r in res.get("layers", []):
         if r["mode"] == "inference" and _t(r):
@@ -192,6 +193,24 @@ def plot(res: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def load_results(path: Path) -> dict:
+    """A results file of `python -m fastdw.bench` (schema fastdw-results/1), or a clear error
+    naming the file and what is wrong with it."""
+    try:
+        res = json.loads(path.read_text())
+    except OSError as e:
+        raise SystemExit(f"report: cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"report: {path} is not a results file (not JSON: {e})") from None
+    if not isinstance(res, dict) or res.get("schema") != "fastdw-results/1":
+        got = res.get("schema") if isinstance(res, dict) else type(res).__name__
+        raise SystemExit(f"report: {path} is not a results file of `python -m fastdw.bench` "
+                         f"(schema {got!r}, expected 'fastdw-results/1')")
+    if not isinstance(res.get("layers"), list):
+        raise SystemExit(f"report: {path} has no 'layers' list: not a complete results file")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", nargs="?", help="results JSON (default: the newest in bench/results/)")
@@ -199,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", help="write the bandwidth plot (PNG) here")
     args = ap.parse_args(argv)
     path = Path(args.file) if args.file else newest()
-    res = json.loads(path.read_text())
+    res = load_results(path)
     text = render(res, path)
     if args.readme:
         replace_block(Path(args.readme), text)

@@ -21,6 +21,7 @@ from torch import nn
 
 import fastdw
 from fastdw import layers as layer_registry
+from fastdw._utils import positive_int
 from fastdw.timing import time_fn
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "mnasnet1_0")
@@ -120,21 +121,21 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mobilenet_v2", choices=MODELS)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    ap.add_argument("--batch", type=int, default=None, help="default: 128 on a GPU, 8 on the CPU")
-    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--batch", type=positive_int, default=None, help="default: 128 on a GPU, 8 on the CPU")
+    ap.add_argument("--resolution", type=positive_int, default=224)
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float16 on a GPU, float32 on the CPU")
     ap.add_argument("--layout", default="channels_last", choices=("channels_last", "contiguous"))
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 50 GPU, 10 CPU)")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default: 50 GPU, 10 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of stock and converted models")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     args = ap.parse_args(argv)
 
     device, note = pick_device(args.device)
     gpu = device.type == "cuda"
-    batch = args.batch or (128 if gpu else 8)
+    batch = args.batch if args.batch is not None else (128 if gpu else 8)
     dtype = DTYPES[args.dtype or ("float16" if gpu else "float32")]
     memory_format = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
-    repeats = args.repeats or (50 if gpu else 10)
+    repeats = args.repeats if args.repeats is not None else (50 if gpu else 10)
     warmup = 10 if gpu else 2
     if gpu:
         torch.backends.cudnn.benchmark = True

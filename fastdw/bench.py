@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 import fastdw
+from fastdw._utils import positive_float, positive_int
 from fastdw.layers import INPUT_SIZE, NETWORKS, DWLayer, unique_layers
 from fastdw.reference import dwconv_bn_act_ref
 from fastdw.timing import time_cuda, time_fn
@@ -589,7 +590,10 @@ class Progress:
 def _csv(v: Optional[str], allowed: Sequence[str], what: str, conv=str) -> Optional[Tuple]:
     if v is None:
         return None
-    items = tuple(conv(s.strip()) for s in v.split(",") if s.strip())
+    try:
+        items = tuple(conv(s.strip()) for s in v.split(",") if s.strip())
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise SystemExit(f"fastdw.bench: bad {what} in {v!r}: {e}") from None
     bad = [i for i in items if str(i) not in {str(a) for a in allowed}] if allowed else []
     if bad:
         raise SystemExit(f"fastdw.bench: unknown {what} {bad}; choose from {list(allowed)}")
@@ -599,7 +603,7 @@ def _csv(v: Optional[str], allowed: Sequence[str], what: str, conv=str) -> Optio
 def build_sweep(args) -> Sweep:
     s = QUICK if args.quick else STANDARD
     nets = _csv(args.net, tuple(NETWORKS), "network") or s.nets
-    Ns = _csv(args.N, (), "N", int) or s.Ns
+    Ns = _csv(args.N, (), "N", positive_int) or s.Ns
     dtypes = _csv(args.dtype, tuple(DTYPES), "dtype") or s.dtypes
     layouts = _csv(args.layout, LAYOUTS, "layout") or s.layouts
     providers = _csv(args.provider, LAYER_PROVIDERS, "provider") or s.providers
@@ -607,7 +611,7 @@ def build_sweep(args) -> Sweep:
     model_nets = () if args.no_models else (tuple(n for n in s.model_nets if n in nets) or
                                             (s.model_nets if args.net is None else ()))
     return Sweep(nets, Ns, dtypes, layouts, providers, modes, model_nets,
-                 _csv(args.model_N, (), "N", int) or s.model_Ns, s.model_providers, s.model_modes)
+                 _csv(args.model_N, (), "N", positive_int) or s.model_Ns, s.model_providers, s.model_modes)
 
 
 def main(argv=None) -> int:
@@ -622,8 +626,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", help="inference,backward,train")
     ap.add_argument("--model-N", help="batch sizes of the whole-network runs (standard: 1,32,128)")
     ap.add_argument("--no-models", action="store_true", help="skip the whole-network runs")
-    ap.add_argument("--repeats", type=int, default=50, help="timed calls per row (>= 50 for results files)")
-    ap.add_argument("--budget-s", type=float, default=None,
+    ap.add_argument("--repeats", type=positive_int, default=50, help="timed calls per row (>= 50 for results files)")
+    ap.add_argument("--budget-s", type=positive_float, default=None,
                     help="stop starting compile_max rows (slow autotuning) once this many seconds have passed")
     ap.add_argument("--out", help="results JSON (default bench/results/<date>-<gpu>-<sha>.json)")
     ap.add_argument("--list", action="store_true", help="print the cases of the sweep and exit")

@@ -54,6 +54,45 @@ def test_cli_list_help_and_no_gpu_message():
         assert r.returncode == 2 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--N", "0", "--list"], "bad N in '0': must be at least 1, got 0"),
+    (["--N", "1,x", "--list"], "bad N in '1,x': expected a positive integer, got 'x'"),
+    (["--model-N", "-2", "--list"], "must be at least 1, got -2"),
+    (["--repeats", "0", "--list"], "argument --repeats: must be at least 1, got 0"),
+    (["--budget-s", "nan", "--list"], "argument --budget-s: must be a finite number > 0, got nan"),
+])
+def test_cli_rejects_bad_numbers(argv, message):
+    r = _run(*argv)
+    assert r.returncode != 0 and message in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["--batch", "-8"], "argument --batch: must be at least 1, got -8"),
+    (["--repeats", "-1"], "argument --repeats: must be at least 1, got -1"),
+    (["--resolution", "big"], "argument --resolution: expected a positive integer, got 'big'"),
+])
+def test_main_job_rejects_bad_numbers(argv, message):
+    """python -m fastdw: a batch of 0 once ran N=8 silently, negative numbers gave tracebacks."""
+    r = subprocess.run([sys.executable, "-m", "fastdw", *argv], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_rejects_other_files(tmp_path):
+    rep = _report()
+    cases = {"notes.json": '{"hello": 1}', "list.json": "[1, 2]", "text.json": "not json at all",
+             "partial.json": '{"schema": "fastdw-results/1"}'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=rf"report: .*{name}"):
+            rep.main([str(tmp_path / name)])
+    with pytest.raises(SystemExit, match="cannot read"):
+        rep.main([str(tmp_path / "missing.json")])
+    p, _ = _synthetic(tmp_path)
+    assert rep.load_results(p)["schema"] == "fastdw-results/1"
+
+
 @pytest.mark.parametrize("mode", ["inference", "backward", "train"])
 def test_layer_bench_cpu_checks_every_provider(mode):
     """The harness's check path on the CPU: each provider's output against the fp32 reference."""
