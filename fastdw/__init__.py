@@ -50,7 +50,7 @@ except ImportError as e:  # a source tree without a build, or a build for anothe
 from ._utils import ACTIVATIONS, BACKENDS, output_memory_format
 from .ops import available_backends, dwconv_bn_act, dwconv_bn_act_train, prepack_params, resolve_backend
 from .nn import DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
-from .convert import convert, revert
+from .convert import ConversionReport, conversion_report, convert, register_pattern, revert
 
 
 def _check_gpu_arch() -> None:
@@ -100,5 +100,6 @@ __all__ = [
     "__version__", "ACTIVATIONS", "BACKENDS", "HAS_EXT", "dwconv_bn_act", "dwconv_bn_act_train", "prepack_params",
     "available_backends",
     "resolve_backend", "output_memory_format", "DWConvBNAct2d", "FoldedBatchNorm2d", "fold_bn",
-    "convert", "revert", "build_info", "cpu_isa", "set_cpu_isa",
+    "convert", "revert", "register_pattern", "conversion_report", "ConversionReport", "build_info", "cpu_isa",
+    "set_cpu_isa",
 ]

@@ -16,24 +16,28 @@ from torch import nn
 
 from .nn import DWConvBNAct2d, FoldedBatchNorm2d, _qualname, activation_kind, bn_activation, conv_config
 
-__all__ = ["convert", "revert", "register_pattern"]
+__all__ = ["convert", "revert", "register_pattern", "conversion_report", "ConversionReport"]
 
 # Block classes whose forward runs `<conv attr>` straight into `<bn attr>`, keyed by
 # `module.qualname` of the class (exact type: a subclass may change the forward).
-_PATTERNS: Dict[str, List[Tuple[str, str]]] = {}
+_PATTERNS: Dict[str, List[Tuple[str, str, Optional[str]]]] = {}
 
 
-def register_pattern(cls_qualname: Union[str, type], conv_attr: str, bn_attr: str) -> None:
-    """Declare that blocks of class `cls_qualname` feed child `conv_attr` directly into `bn_attr`.
+def register_pattern(cls_qualname: Union[str, type], conv_attr: str, bn_attr: str,
+                     act_attr: Optional[str] = None) -> None:
+    """Declare that blocks of class `cls_qualname` feed child `conv_attr` directly into `bn_attr`
+    (and that straight into the activation module `act_attr`, when given), so that `convert`
+    fuses them there.
 
     cls_qualname: `type(m).__module__ + "." + type(m).__qualname__` (or the class itself).
-    Only exact instances of that class are searched; a block may have several patterns.
+    Only exact instances of that class are searched; a block may have several patterns. Declare
+    only what the block's forward really does: `convert` trusts it.
     """
     if isinstance(cls_qualname, type):
         cls_qualname = _qualname(cls_qualname)
     pairs = _PATTERNS.setdefault(cls_qualname, [])
-    if (conv_attr, bn_attr) not in pairs:
-        pairs.append((conv_attr, bn_attr))
+    if (conv_attr, bn_attr, act_attr) not in pairs:
+        pairs.append((conv_attr, bn_attr, act_attr))
 
 
 # timm (checked against timm 1.0): the BN is a BatchNormAct2d carrying the activation.
@@ -42,6 +46,12 @@ register_pattern("timm.models._efficientnet_blocks.InvertedResidual", "conv_dw",
 register_pattern("timm.models._efficientnet_blocks.ConvBnAct", "conv", "bn1")
 # ConvNormAct holds the depthwise convs of MobileNetV4's UniversalInvertedResidual.
 register_pattern("timm.layers.conv_bn_act.ConvNormAct", "conv", "bn")
+# Aligned Xception (xception41/65/71): conv_dw -> bn_dw -> act_dw -> conv_pw ...
+register_pattern("timm.models.xception_aligned.SeparableConv2d", "conv_dw", "bn_dw", "act_dw")
+# EfficientViT (MIT): dropout -> conv -> norm -> act (the norm may be Identity: then not fused)
+register_pattern("timm.models.efficientvit_mit.ConvNormAct", "conv", "norm", "act")
+# GhostNet: conv_dw -> bn_dw (stride-2 blocks), then the squeeze-excite
+register_pattern("timm.models.ghostnet.GhostBottleneck", "conv_dw", "bn_dw")
 
 
 class _Match(NamedTuple):
@@ -105,12 +115,12 @@ def _find(model: nn.Module) -> List[_Match]:
                     i += 2 if m.act_name is None else 3
                 else:
                     i += 1
-        for conv_name, bn_name in _PATTERNS.get(_qualname(type(parent)), ()):
-            add(_match(parent, conv_name, bn_name, None))
+        for conv_name, bn_name, act_name in _PATTERNS.get(_qualname(type(parent)), ()):
+            add(_match(parent, conv_name, bn_name, act_name))
     return found
 
 
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
     """Fuse every eligible depthwise Conv2d + BatchNorm2d (+ activation) of `model` in place.
 
     Searched: consecutive children [conv, bn, optional activation] of every `nn.Sequential`
@@ -120,6 +130,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     Eligible BN: exactly `nn.BatchNorm2d`, or timm's `BatchNormAct2d` with a supported
     activation (absorbed) and no drop. Modules with hooks are left alone, as is everything else.
     state_dict keys and parameter names are unchanged; already fused parts are skipped.
+    verbose: print `conversion_report(model)` afterwards (what was fused, what was left and why).
     Returns `model`.
     """
     for m in _find(model):
@@ -136,7 +147,80 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         fused.__dict__["_fastdw_orig"] = _Original(conv, bn, act, m.bn_name, m.act_name, placeholder)
         m.parent._modules[m.conv_name] = fused
         m.parent._modules[m.bn_name] = folded
+    if verbose:
+        print(conversion_report(model))
     return model
+
+
+class ConversionReport(NamedTuple):
+    """What `convert` made of a model: `fused` (module name, what the fused layer computes) and
+    `left` (module name of a depthwise conv still running as stock, and why). str() is a table."""
+
+    fused: List[Tuple[str, str]]
+    left: List[Tuple[str, str]]
+
+    def __str__(self) -> str:
+        total = len(self.fused) + len(self.left)
+        lines = [f"fastdw: {len(self.fused)} of {total} depthwise convolutions fused"]
+        lines += [f"  fused  {name}: {what}" for name, what in self.fused]
+        lines += [f"  left   {name}: {why}" for name, why in self.left]
+        return "\n".join(lines)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def _why_left(parent: Optional[nn.Module], slot: Optional[str], conv: nn.Module) -> str:
+    config = conv_config(conv)
+    if isinstance(config, str):
+        return config
+    if _has_hooks(conv):
+        return "it has hooks (a fused module would not run them)"
+    if parent is None:
+        return "it is the model itself (no BatchNorm after it)"
+    nexts = []
+    if isinstance(parent, nn.Sequential):
+        names = list(parent._modules)
+        i = names.index(slot)
+        if i + 1 < len(names):
+            nexts.append(parent._modules[names[i + 1]])
+    for conv_attr, bn_attr, _ in _PATTERNS.get(_qualname(type(parent)), ()):
+        if conv_attr == slot and parent._modules.get(bn_attr) is not None:
+            nexts.append(parent._modules[bn_attr])
+    if not nexts:
+        if isinstance(parent, nn.Sequential):
+            return "last module of its nn.Sequential: no BatchNorm2d after it"
+        return (f"inside {_qualname(type(parent))}, whose forward fastdw does not know: if it feeds "
+                f"'{slot}' straight into a BatchNorm2d, declare that with fastdw.register_pattern")
+    bn = nexts[0]
+    if bn_activation(bn, config["channels"]) is None:
+        return (f"followed by {type(bn).__name__}, not a BatchNorm2d (or timm BatchNormAct2d) of "
+                f"{config['channels']} channels that can be fused")
+    if _has_hooks(bn):
+        return "its BatchNorm has hooks (a fused module would not run them)"
+    return "not matched"
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """Every depthwise convolution of `model` (converted or not): the fused layers, and each conv
+    that still runs as stock with the reason (e.g. a channel multiplier, a padding mode, a
+    subclass such as timm's Conv2dSame, no BatchNorm right after it, an unknown parent block)."""
+    fused, left = [], []
+    parents = {}
+    for pname, parent in model.named_modules():
+        for slot, child in parent._modules.items():
+            if child is not None:
+                parents[id(child)] = (parent, slot)
+    for name, m in model.named_modules():
+        if isinstance(m, DWConvBNAct2d):
+            kh, kw = m.kernel_size
+            fused.append((name, f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}, "
+                                f"BatchNorm + {m.act}"))
+        elif _is_depthwise(m):
+            parent, slot = parents.get(id(m), (None, None))
+            left.append((name, _why_left(parent, slot, m)))
+    return ConversionReport(fused, left)
 
 
 def _restore(parent: nn.Module, name: str, fused: DWConvBNAct2d) -> None:

@@ -272,6 +272,14 @@ MODELS = {
     "timm_mobilenetv2_100": _timm("mobilenetv2_100"),
     "timm_tf_efficientnet_b0": _timm("tf_efficientnet_b0"),  # stride-2 dw convs are Conv2dSame
     "timm_mobilenetv4_conv_small": _timm("mobilenetv4_conv_small"),  # UIR blocks via ConvNormAct
+    "timm_xception41": _timm("xception41"),  # aligned Xception: SeparableConv2d conv_dw -> bn_dw -> act_dw
+    "timm_ghostnet_100": _timm("ghostnet_100"),  # GhostBottleneck conv_dw -> bn_dw
+    "timm_efficientvit_b0": _timm("efficientvit_b0"),  # ConvNormAct conv -> norm -> act
+}
+# The depthwise convs a network keeps as stock after convert, by the reason conversion_report gives.
+LEFT_REASONS = {
+    "timm_tf_efficientnet_b0": ("Conv2dSame is not exactly nn.Conv2d",),  # stride-2 "same" padding
+    "timm_efficientvit_b0": ("followed by Identity, not a BatchNorm2d", "followed by Conv2d, not a BatchNorm2d"),
 }
 
 
@@ -292,11 +300,12 @@ def test_convert_network(name):
 
     assert convert(model) is model
     n_fused = _count_fused(model)
-    assert n_fused > 0 and n_fused == n_eligible
-    if name == "timm_tf_efficientnet_b0":
-        assert n_eligible < n_dw
+    report = fastdw.conversion_report(model)
+    assert n_fused > 0 and len(report.fused) == n_fused and len(report.left) == n_dw - n_fused
+    if name in LEFT_REASONS:
+        assert report.left and all(why.startswith(LEFT_REASONS[name]) for _, why in report.left), report.left
     else:
-        assert n_eligible == n_dw
+        assert n_fused == n_eligible == n_dw, report.left
     with torch.no_grad():
         _assert_close(model(x), ref, "converted")
 
@@ -526,3 +535,70 @@ def test_register_pattern():
         convert(m)
         assert type(m.dw) is DWConvBNAct2d and type(m.norm) is FoldedBatchNorm2d
         _assert_close(m(x), ref)
+
+
+class _ActBlock(nn.Module):
+    """conv -> bn -> act as attributes of a custom block (act_attr of register_pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.norm = nn.BatchNorm2d(8)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(self.norm(self.dw(x)))
+
+
+def test_register_pattern_with_activation_and_revert():
+    torch.manual_seed(0)
+    m = _randomize_bn(_ActBlock()).eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = m(x)
+        fastdw.register_pattern(_ActBlock, "dw", "norm", "act")
+        convert(m)
+        assert type(m.dw) is DWConvBNAct2d and m.dw.act == "hardswish" and type(m.act) is nn.Identity
+        _assert_close(m(x), ref)
+        revert(m)
+        assert type(m.act) is nn.Hardswish and type(m.dw) is nn.Conv2d
+        assert torch.equal(m(x), ref)
+
+
+class _UnknownBlock(nn.Module):  # never registered: its conv -> bn is unknown to convert
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.norm = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return self.norm(self.dw(x))
+
+
+def test_conversion_report_reasons(capsys):
+    """Every depthwise conv is either fused or listed with why not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"), nn.BatchNorm2d(8)),
+        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.BatchNorm2d(16)),
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU()),
+        nn.Sequential(nn.BatchNorm2d(16), nn.Conv2d(16, 16, 5, padding=2, groups=16)),
+        _UnknownBlock(),
+    ).eval()
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    assert convert(model, verbose=True) is model
+    printed = capsys.readouterr().out
+    rep = fastdw.conversion_report(model)
+    assert rep.fused == [("0.0", "3x3 stride (1, 1) dilation (1, 1), BatchNorm + relu6")]
+    why = dict(rep.left)
+    assert why["1.0"] == "padding_mode='reflect' (only 'zeros' is supported)"
+    assert why["2.0"].startswith("not depthwise with channel multiplier 1")
+    assert why["3.0"].startswith("followed by ReLU, not a BatchNorm2d")
+    assert why["4.1"] == "last module of its nn.Sequential: no BatchNorm2d after it"
+    assert why["5.dw"].startswith("inside ") and "fastdw.register_pattern" in why["5.dw"]
+    assert str(rep) == printed.rstrip("\n") and printed.startswith("fastdw: 1 of 6 depthwise convolutions fused")
+    with torch.no_grad():
+        _assert_close(model(x), ref)
