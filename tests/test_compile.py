@@ -155,3 +155,30 @@ def test_jit_script_refuses_with_a_clear_message():
     _, fused = _block("cpu", train=False)
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.export"):
         torch.jit.script(fused)
+
+
+def test_export_artifact_loads_in_a_fresh_process(tmp_path):
+    """A torch.export of a converted block, saved, loads and runs in a new Python process after
+    `import fastdw` (which registers the ops), with the eager outputs; the README says so."""
+    import subprocess
+    import sys
+
+    blk, fused = _block("cpu", train=False)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        want = fused(x)
+    ep = torch.export.export(fused, (x,))
+    assert any(n.target is torch.ops.fastdw.dwconv_bn_act.default for n in ep.graph.nodes)
+    torch.export.save(ep, tmp_path / "block.pt2")
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    code = (
+        "import sys, torch, fastdw\n"
+        f"ep = torch.export.load({str(tmp_path / 'block.pt2')!r})\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    got = ep.module()(io['x'])\n"
+        "torch.testing.assert_close(got, io['want'], rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
