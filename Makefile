@@ -12,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-TEST_DEPS := pytest pytest-benchmark timm expecttest matplotlib nvidia-cuda-cuobjdump==13.2.78
+TEST_DEPS := pytest pytest-benchmark timm expecttest matplotlib onnx onnxscript onnxruntime nvidia-cuda-cuobjdump==13.2.78
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 

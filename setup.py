@@ -216,7 +216,8 @@ setup(
     # what the test suite and the benchmark tools need beyond torch (torchvision and timm for the
     # network tests and conversions, matplotlib for `bench/report.py --plot`)
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "expecttest", "torchvision", "timm"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "torchvision", "timm", "onnx", "onnxscript", "onnxruntime"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "bench": ["pytest-benchmark", "torchvision", "matplotlib"],
     },
     zip_safe=False,

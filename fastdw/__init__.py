@@ -51,6 +51,12 @@ from ._utils import ACTIVATIONS, BACKENDS, output_memory_format
 from .ops import available_backends, dwconv_bn_act, dwconv_bn_act_train, prepack_params, resolve_backend
 from .nn import DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
 from .convert import ConversionReport, conversion_report, convert, register_pattern, revert
+from .onnx import onnx_export
+
+if HAS_EXT:  # the ops exist: torch.onnx.export of a converted model translates them
+    from .onnx import install as _install_onnx
+
+    _install_onnx()
 
 
 def _check_gpu_arch() -> None:
@@ -101,5 +107,5 @@ __all__ = [
     "available_backends",
     "resolve_backend", "output_memory_format", "DWConvBNAct2d", "FoldedBatchNorm2d", "fold_bn",
     "convert", "revert", "register_pattern", "conversion_report", "ConversionReport", "build_info", "cpu_isa",
-    "set_cpu_isa",
+    "set_cpu_isa", "onnx_export",
 ]
