@@ -49,7 +49,7 @@ except ImportError as e:  # a source tree without a build, or a build for anothe
 
 from ._utils import ACTIVATIONS, BACKENDS, output_memory_format
 from .ops import available_backends, dwconv_bn_act, dwconv_bn_act_train, prepack_params, resolve_backend
-from .nn import DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
+from .nn import DWConv2d, DWConvBNAct2d, FoldedBatchNorm2d, fold_bn
 from .convert import ConversionReport, conversion_report, convert, register_pattern, revert
 from .onnx import onnx_export
 
@@ -105,7 +105,7 @@ def set_cpu_isa(name: str) -> str:
 __all__ = [
     "__version__", "ACTIVATIONS", "BACKENDS", "HAS_EXT", "dwconv_bn_act", "dwconv_bn_act_train", "prepack_params",
     "available_backends",
-    "resolve_backend", "output_memory_format", "DWConvBNAct2d", "FoldedBatchNorm2d", "fold_bn",
+    "resolve_backend", "output_memory_format", "DWConvBNAct2d", "DWConv2d", "FoldedBatchNorm2d", "fold_bn",
     "convert", "revert", "register_pattern", "conversion_report", "ConversionReport", "build_info", "cpu_isa",
     "set_cpu_isa", "onnx_export",
 ]

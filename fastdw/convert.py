@@ -14,7 +14,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 from torch import nn
 
-from .nn import DWConvBNAct2d, FoldedBatchNorm2d, _qualname, activation_kind, bn_activation, conv_config
+from .nn import DWConv2d, DWConvBNAct2d, FoldedBatchNorm2d, _qualname, activation_kind, bn_activation, conv_config
 
 __all__ = ["convert", "revert", "register_pattern", "conversion_report", "ConversionReport"]
 
@@ -120,7 +120,7 @@ def _find(model: nn.Module) -> List[_Match]:
     return found
 
 
-def convert(model: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", verbose: bool = False, bare: bool = True) -> nn.Module:
     """Fuse every eligible depthwise Conv2d + BatchNorm2d (+ activation) of `model` in place.
 
     Searched: consecutive children [conv, bn, optional activation] of every `nn.Sequential`
@@ -130,9 +130,19 @@ def convert(model: nn.Module, backend: str = "auto", verbose: bool = False) -> n
     Eligible BN: exactly `nn.BatchNorm2d`, or timm's `BatchNormAct2d` with a supported
     activation (absorbed) and no drop. Modules with hooks are left alone, as is everything else.
     state_dict keys and parameter names are unchanged; already fused parts are skipped.
+    bare: every other eligible depthwise conv (no BatchNorm right after it, e.g. ConvNeXt, the
+    original Xception, MixedConv2d branches) becomes a `DWConv2d` (the op with act "none" and the
+    conv bias as its shift), so every eligible depthwise conv runs through fastdw.
     verbose: print `conversion_report(model)` afterwards (what was fused, what was left and why).
     Returns `model`.
     """
+    # Bare layers of an earlier convert go back to their convs first, so that a pattern
+    # registered since can fuse them; those still unfused get the same DWConv2d back.
+    bare_before = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, DWConv2d) and child.__dict__.get("_fastdw_orig") is not None:
+                bare_before[id(_restore_bare(parent, name, child))] = child
     for m in _find(model):
         conv = m.parent._modules[m.conv_name]
         bn = m.parent._modules[m.bn_name]
@@ -147,22 +157,33 @@ def convert(model: nn.Module, backend: str = "auto", verbose: bool = False) -> n
         fused.__dict__["_fastdw_orig"] = _Original(conv, bn, act, m.bn_name, m.act_name, placeholder)
         m.parent._modules[m.conv_name] = fused
         m.parent._modules[m.bn_name] = folded
+    if bare:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if _is_depthwise(child) and not isinstance(conv_config(child), str) and not _has_hooks(child):
+                    dw = bare_before.get(id(child)) or DWConv2d.from_conv(child, backend=backend)
+                    dw.__dict__["_fastdw_orig"] = child
+                    parent._modules[name] = dw
     if verbose:
         print(conversion_report(model))
     return model
 
 
 class ConversionReport(NamedTuple):
-    """What `convert` made of a model: `fused` (module name, what the fused layer computes) and
-    `left` (module name of a depthwise conv still running as stock, and why). str() is a table."""
+    """What `convert` made of a model: `fused` (module name, what the fused layer computes),
+    `left` (module name of a depthwise conv still running as stock, and why) and `bare` (depthwise
+    convs through the op without a BatchNorm: `DWConv2d`). str() is a table."""
 
     fused: List[Tuple[str, str]]
     left: List[Tuple[str, str]]
+    bare: List[Tuple[str, str]] = []
 
     def __str__(self) -> str:
-        total = len(self.fused) + len(self.left)
-        lines = [f"fastdw: {len(self.fused)} of {total} depthwise convolutions fused"]
+        total = len(self.fused) + len(self.bare) + len(self.left)
+        lines = [f"fastdw: {len(self.fused) + len(self.bare)} of {total} depthwise convolutions through fastdw "
+                 f"({len(self.fused)} fused with their BatchNorm, {len(self.bare)} bare)"]
         lines += [f"  fused  {name}: {what}" for name, what in self.fused]
+        lines += [f"  bare   {name}: {what}" for name, what in self.bare]
         lines += [f"  left   {name}: {why}" for name, why in self.left]
         return "\n".join(lines)
 
@@ -206,7 +227,7 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     """Every depthwise convolution of `model` (converted or not): the fused layers, and each conv
     that still runs as stock with the reason (e.g. a channel multiplier, a padding mode, a
     subclass such as timm's Conv2dSame, no BatchNorm right after it, an unknown parent block)."""
-    fused, left = [], []
+    fused, left, bare = [], [], []
     parents = {}
     for pname, parent in model.named_modules():
         for slot, child in parent._modules.items():
@@ -217,10 +238,14 @@ def conversion_report(model: nn.Module) -> ConversionReport:
             kh, kw = m.kernel_size
             fused.append((name, f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}, "
                                 f"BatchNorm + {m.act}"))
+        elif isinstance(m, DWConv2d):
+            kh, kw = m.kernel_size
+            bare.append((name, f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}, "
+                               f"{'bias' if m.bias is not None else 'no bias'}, no BatchNorm"))
         elif _is_depthwise(m):
             parent, slot = parents.get(id(m), (None, None))
             left.append((name, _why_left(parent, slot, m)))
-    return ConversionReport(fused, left)
+    return ConversionReport(fused, left, bare)
 
 
 def _restore(parent: nn.Module, name: str, fused: DWConvBNAct2d) -> None:
@@ -259,4 +284,16 @@ def revert(model: nn.Module) -> nn.Module:
         for name, child in list(parent._modules.items()):
             if isinstance(child, DWConvBNAct2d) and child.__dict__.get("_fastdw_orig") is not None:
                 _restore(parent, name, child)
+            elif isinstance(child, DWConv2d) and child.__dict__.get("_fastdw_orig") is not None:
+                _restore_bare(parent, name, child)
     return model
+
+
+def _restore_bare(parent: nn.Module, name: str, dw: DWConv2d) -> nn.Module:
+    conv = dw._fastdw_orig
+    conv._parameters["weight"] = dw._parameters["weight"]
+    conv._parameters["bias"] = dw._parameters["bias"]
+    conv.train(dw.training)
+    parent._modules[name] = conv
+    dw.__dict__["_fastdw_orig"] = None
+    return conv

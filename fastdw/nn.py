@@ -363,6 +363,44 @@ class DWConvBNAct2d(nn.Module):
         return s
 
 
+class DWConv2d(nn.Module):
+    """A depthwise Conv2d (groups=C, channel multiplier 1) with no BatchNorm after it, through the
+    fastdw op (act "none", the conv bias as the shift): what `fastdw.convert` puts in the place
+    of a depthwise conv it cannot fuse with a BatchNorm (ConvNeXt, original Xception, the
+    branches of timm's MixedConv2d, ...). It owns the conv's `weight` / `bias` Parameters (same
+    objects, same state_dict keys); `fastdw.revert` puts the conv back.
+    """
+
+    __prepare_scriptable__ = _not_scriptable
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, backend: str = "auto") -> "DWConv2d":
+        config = conv_config(conv)
+        if isinstance(config, str):
+            raise ValueError(f"cannot run {conv} through fastdw: {config}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.channels = config["channels"]
+        self.kernel_size, self.stride = config["kernel_size"], config["stride"]
+        self.padding, self.dilation = config["padding"], config["dilation"]
+        self.backend = backend
+        self.weight = conv.weight
+        self.register_parameter("bias", conv.bias)
+        self.training = conv.training
+        self.__dict__["_fastdw_orig"] = None
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops import dwconv_bn_act
+
+        return dwconv_bn_act(_autocast_input(x), self.weight, None, self.bias, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, act="none", backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, bias={self.bias is not None}, backend={self.backend!r}")
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, a float32 input is cast to the autocast dtype, as autocast does for the
     conv2d this layer replaces (weight and BatchNorm parameters stay float32: the op takes them)."""

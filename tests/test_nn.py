@@ -274,13 +274,17 @@ MODELS = {
     "timm_mobilenetv4_conv_small": _timm("mobilenetv4_conv_small"),  # UIR blocks via ConvNormAct
     "timm_xception41": _timm("xception41"),  # aligned Xception: SeparableConv2d conv_dw -> bn_dw -> act_dw
     "timm_ghostnet_100": _timm("ghostnet_100"),  # GhostBottleneck conv_dw -> bn_dw
-    "timm_efficientvit_b0": _timm("efficientvit_b0"),  # ConvNormAct conv -> norm -> act
+    "timm_efficientvit_b0": _timm("efficientvit_b0"),  # ConvNormAct conv -> norm -> act; 10 convs bare
+    "tv_convnext_tiny": _tv("convnext_tiny"),  # 7x7 depthwise with bias, then LayerNorm: all bare
+    "timm_legacy_xception": _timm("legacy_xception"),  # dw conv straight into the pointwise: all bare
+    "timm_mixnet_s": _timm("mixnet_s"),  # the MixedConv2d branches bare
 }
 # The depthwise convs a network keeps as stock after convert, by the reason conversion_report gives.
 LEFT_REASONS = {
     "timm_tf_efficientnet_b0": ("Conv2dSame is not exactly nn.Conv2d",),  # stride-2 "same" padding
-    "timm_efficientvit_b0": ("followed by Identity, not a BatchNorm2d", "followed by Conv2d, not a BatchNorm2d"),
 }
+# The depthwise convs with no BatchNorm after them, through the op bare (DWConv2d).
+BARE = {"timm_efficientvit_b0": 10, "tv_convnext_tiny": 18, "timm_legacy_xception": 34, "timm_mixnet_s": 40}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -301,11 +305,14 @@ def test_convert_network(name):
     assert convert(model) is model
     n_fused = _count_fused(model)
     report = fastdw.conversion_report(model)
-    assert n_fused > 0 and len(report.fused) == n_fused and len(report.left) == n_dw - n_fused
+    n_bare = sum(isinstance(m, fastdw.DWConv2d) for m in model.modules())
+    assert len(report.fused) == n_fused and len(report.bare) == n_bare == BARE.get(name, 0), str(report)
+    assert n_fused + n_bare == n_eligible and len(report.left) == n_dw - n_eligible
+    assert n_fused > 0 or name in ("tv_convnext_tiny", "timm_legacy_xception")
     if name in LEFT_REASONS:
         assert report.left and all(why.startswith(LEFT_REASONS[name]) for _, why in report.left), report.left
     else:
-        assert n_fused == n_eligible == n_dw, report.left
+        assert n_eligible == n_dw, report.left
     with torch.no_grad():
         _assert_close(model(x), ref, "converted")
 
@@ -465,13 +472,24 @@ def _seq(conv, norm, act):
     ],
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_unsupported_left_alone(model):
+def test_unsupported_left_alone(model, request):
+    """Nothing is fused; with bare=False nothing changes at all. With the default bare=True a
+    plain depthwise conv that has no BatchNorm to fuse (GroupNorm after it, the activation
+    first) runs through the op as a DWConv2d; the ineligible convs stay stock."""
     m = model().eval()
     types = [type(c) for c in m.modules()]
     x = torch.randn(1, 8, 9, 9)
     with torch.no_grad():
         ref = m(x)
+        convert(m, bare=False)
+        assert [type(c) for c in m.modules()] == types
+        assert torch.equal(m(x), ref)
         convert(m)
+        assert _count_fused(m) == 0
+        bare = request.node.callspec.id in ("groupnorm", "act_before_bn")
+        assert isinstance(m[0], fastdw.DWConv2d) == bare
+        _assert_close(m(x), ref)
+        revert(m)
         assert [type(c) for c in m.modules()] == types
         assert torch.equal(m(x), ref)
 
@@ -589,7 +607,7 @@ def test_conversion_report_reasons(capsys):
     x = torch.randn(1, 8, 8, 8)
     with torch.no_grad():
         ref = model(x)
-    assert convert(model, verbose=True) is model
+    assert convert(model, verbose=True, bare=False) is model
     printed = capsys.readouterr().out
     rep = fastdw.conversion_report(model)
     assert rep.fused == [("0.0", "3x3 stride (1, 1) dilation (1, 1), BatchNorm + relu6")]
@@ -599,6 +617,39 @@ def test_conversion_report_reasons(capsys):
     assert why["3.0"].startswith("followed by ReLU, not a BatchNorm2d")
     assert why["4.1"] == "last module of its nn.Sequential: no BatchNorm2d after it"
     assert why["5.dw"].startswith("inside ") and "fastdw.register_pattern" in why["5.dw"]
-    assert str(rep) == printed.rstrip("\n") and printed.startswith("fastdw: 1 of 6 depthwise convolutions fused")
+    assert str(rep) == printed.rstrip("\n") and printed.startswith(
+        "fastdw: 1 of 6 depthwise convolutions through fastdw (1 fused with their BatchNorm, 0 bare)")
     with torch.no_grad():
         _assert_close(model(x), ref)
+    # bare=True (the default): the three with a plain nn.Conv2d config run through the op too
+    convert(model)
+    rep = fastdw.conversion_report(model)
+    assert [n for n, _ in rep.bare] == ["3.0", "4.1", "5.dw"] and [n for n, _ in rep.left] == ["1.0", "2.0"]
+    assert rep.bare[0][1] == "3x3 stride (1, 1) dilation (1, 1), bias, no BatchNorm"
+    with torch.no_grad():
+        _assert_close(model(x), ref)
+    revert(model)
+    assert not any(isinstance(m, (DWConvBNAct2d, fastdw.DWConv2d)) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bare_depthwise_conv_trains_like_stock(layout):
+    """A depthwise conv with no BatchNorm after it (ConvNeXt's 7x7 with bias, then a norm that
+    cannot be folded) runs bare through the op: forward and the gradients of x, weight and bias
+    equal stock's."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    stock = nn.Sequential(nn.Conv2d(12, 12, 7, padding=3, groups=12), nn.GroupNorm(3, 12)).train()
+    model = convert(copy.deepcopy(stock))
+    assert isinstance(model[0], fastdw.DWConv2d) and list(model.state_dict()) == list(stock.state_dict())
+    x = torch.randn(2, 12, 10, 9).to(memory_format=fmt)
+    xs, xm = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    gy = torch.randn(2, 12, 10, 9)
+    ys, ym = stock(xs), model(xm)
+    _assert_close(ym, ys, "forward")
+    ys.backward(gy), ym.backward(gy)
+    _assert_close(xm.grad, xs.grad, "dx")
+    for (n, ps), (_, pm) in zip(stock.named_parameters(), model.named_parameters()):
+        _assert_close(pm.grad, ps.grad, f"d{n}")
