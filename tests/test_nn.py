@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 import torch.nn.functional as F
 from torch import nn
 
@@ -287,6 +288,23 @@ LEFT_REASONS = {
 BARE = {"timm_efficientvit_b0": 10, "tv_convnext_tiny": 18, "timm_legacy_xception": 34, "timm_mixnet_s": 40}
 
 
+class _CountDepthwiseConvs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten.convolution calls with groups == C > 1 (depthwise) that reach the
+    dispatcher, whatever module or function made them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.convolution.default:
+            x, groups = args[0], args[8]
+            if groups > 1 and groups == x.shape[1]:
+                self.calls += 1
+        return func(*args, **kwargs)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_convert_network(name):
     build = MODELS[name]
@@ -294,13 +312,14 @@ def test_convert_network(name):
     model = _randomize_bn(build()).eval()
     stock = build().eval()  # a fresh stock model: target for the converted state_dict
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad(), _CountDepthwiseConvs() as counter:
         ref = model(x)
     stock_sd = copy.deepcopy(model.state_dict())  # keeps _metadata (MNASNet checks its version)
     stock_keys = list(model.state_dict())
     stock_params = [n for n, _ in model.named_parameters()]
     stock_types = [(n, type(m)) for n, m in model.named_modules()]
     n_dw, n_eligible = _count_dw(model)
+    assert counter.calls == n_dw  # the counter sees every depthwise conv of the stock model
 
     assert convert(model) is model
     n_fused = _count_fused(model)
@@ -313,6 +332,10 @@ def test_convert_network(name):
         assert report.left and all(why.startswith(LEFT_REASONS[name]) for _, why in report.left), report.left
     else:
         assert n_eligible == n_dw, report.left
+    # at the dispatcher, not by module names: the depthwise aten.convolution calls left
+    with torch.no_grad(), _CountDepthwiseConvs() as counter:
+        model(x)
+    assert counter.calls == len(report.left), (counter.calls, report.left)
     with torch.no_grad():
         _assert_close(model(x), ref, "converted")
 
