@@ -68,7 +68,11 @@ def find_tools() -> Tuple[str, str]:
 
 
 def run(cmd: List[str], env=None) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    # through a file: cuobjdump prints hundreds of MB, which a pipe hands over in small reads
+    with tempfile.TemporaryFile() as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, check=True, env=env)
+        f.seek(0)
+        return f.read().decode()
 
 
 def demangle(names: List[str]) -> Dict[str, str]:
@@ -120,7 +124,7 @@ def parse_sass(text: str) -> Dict[str, List[Tuple[int, str]]]:
     funcs: Dict[str, List[Tuple[int, str]]] = {}
     cur = None
     for line in text.splitlines():
-        m = re.search(r"Function : (\S+)", line)
+        m = re.search(r"Function : (\S+)", line) if "Function : " in line else None
         if m:
             cur = m.group(1)
             funcs[cur] = []
@@ -382,7 +386,7 @@ def max_threads(elf_text: str) -> Dict[str, int]:
     out, cur = {}, None
     lines = elf_text.splitlines()
     for i, line in enumerate(lines):
-        m = re.search(r"\.nv\.info\.(\S+)", line)
+        m = re.search(r"\.nv\.info\.(\S+)", line) if ".nv.info." in line else None
         if m:
             cur = m.group(1)
         if cur and "EIATTR_MAX_THREADS" in line:
@@ -403,12 +407,18 @@ def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> Li
         raise SystemExit(f"sass_budget: no sm_{arch} cubin in {so} (built without CUDA, or for other archs)")
     kernels: List[Kernel] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for e in elfs:
+        def dump(e):  # the cuobjdump runs of one cubin (most of the time: run them side by side)
             subprocess.run([cuobjdump, "-xelf", e, so], cwd=tmp, capture_output=True, check=True, env=env)
             cub = os.path.join(tmp, e)
-            sass = parse_sass(run([cuobjdump, "-sass", cub], env))
-            res = run([cuobjdump, "-res-usage", cub], env)
-            mt = max_threads(run([cuobjdump, "-elf", cub], env))
+            return [run([cuobjdump, flag, cub], env) for flag in ("-sass", "-res-usage", "-elf")]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(elfs), os.cpu_count() or 1))) as pool:
+            dumps = list(pool.map(dump, elfs))
+        for sass_text, res, elf_text in dumps:
+            sass = parse_sass(sass_text)
+            mt = max_threads(elf_text)
             usage = {}
             for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
                 usage[m.group(1)] = tuple(int(m.group(i)) for i in range(2, 6))
