@@ -233,30 +233,36 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         for slot, child in parent._modules.items():
             if child is not None:
                 parents[id(child)] = (parent, slot)
+    def geometry(m):
+        kh, kw = m.kernel_size
+        return f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}"
+
     for name, m in model.named_modules():
         if isinstance(m, DWConvBNAct2d):
-            kh, kw = m.kernel_size
-            fused.append((name, f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}, "
-                                f"BatchNorm + {m.act}"))
+            fused.append((name, f"{geometry(m)}, BatchNorm + {m.act}"))
         elif isinstance(m, DWConv2d):
-            kh, kw = m.kernel_size
-            bare.append((name, f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}, "
-                               f"{'bias' if m.bias is not None else 'no bias'}, no BatchNorm"))
+            bare.append((name, f"{geometry(m)}, {'bias' if m.bias is not None else 'no bias'}, no BatchNorm"))
         elif _is_depthwise(m):
             parent, slot = parents.get(id(m), (None, None))
             left.append((name, _why_left(parent, slot, m)))
     return ConversionReport(fused, left, bare)
 
 
+def _hand_back_conv(conv: nn.Conv2d, layer: nn.Module) -> nn.Conv2d:
+    """The original conv, pointed at the layer's current weight / bias and training flag: the
+    model may have been moved, cast or loaded since convert, which replaces buffers (and, with
+    some settings, Parameters)."""
+    conv._parameters["weight"] = layer._parameters["weight"]
+    conv._parameters["bias"] = layer._parameters["bias"]
+    conv.train(layer.training)
+    return conv
+
+
 def _restore(parent: nn.Module, name: str, fused: DWConvBNAct2d) -> None:
     orig: _Original = fused._fastdw_orig
     folded = fused.bn
-    # Point the originals at the current tensors: the model may have been moved, cast or
-    # loaded since convert, which replaces buffers (and, with some settings, Parameters).
-    conv = orig.conv
-    conv._parameters["weight"] = fused._parameters["weight"]
-    conv._parameters["bias"] = fused._parameters["bias"]
-    conv.train(fused.training)
+    # the originals get the current tensors (see _hand_back_conv)
+    conv = _hand_back_conv(orig.conv, fused)
     bn = orig.bn
     for key in bn._parameters:
         bn._parameters[key] = folded._parameters[key]
@@ -290,10 +296,7 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def _restore_bare(parent: nn.Module, name: str, dw: DWConv2d) -> nn.Module:
-    conv = dw._fastdw_orig
-    conv._parameters["weight"] = dw._parameters["weight"]
-    conv._parameters["bias"] = dw._parameters["bias"]
-    conv.train(dw.training)
+    conv = _hand_back_conv(dw._fastdw_orig, dw)
     parent._modules[name] = conv
     dw.__dict__["_fastdw_orig"] = None
     return conv

@@ -252,20 +252,25 @@ class DWConvBNAct2d(nn.Module):
             return None
         return tuple(key)
 
-    def _folded(self, bn) -> Tuple[torch.Tensor, torch.Tensor]:
-        # Only cache outside autograd (a cached result would detach the BN parameters from the
-        # graph) and outside tracing: dynamo must see the folding as part of the graph, and
-        # torch.jit.trace would bake a cached result in as constants (stale after
-        # load_state_dict); traced, the parameters and buffers stay inputs of the graph.
+    def _cache_key(self, bn):
+        """The fold cache's key, or None where nothing may be cached: inside autograd (a cached
+        result would detach the BN parameters from the graph) and tracing (dynamo must see the
+        folding as part of the graph, and torch.jit.trace would bake a cached result in as
+        constants, stale after load_state_dict; traced, the parameters and buffers stay inputs
+        of the graph), and for inference tensors."""
         if torch.is_grad_enabled() or _tracing():
+            return None
+        return self._fold_key(bn)
+
+    def _folded(self, bn, key) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the BatchNorm, cached under `key` (from _cache_key; None: no cache)."""
+        if key is None:
             return fold_bn(bn, self.bias)
-        key = self._fold_key(bn)
         cache = self._fold_cache
-        if key is not None and cache is not None and cache[0] == key:
+        if cache is not None and cache[0] == key:
             return cache[1], cache[2]
         scale, shift = fold_bn(bn, self.bias)
-        if key is not None:
-            self.__dict__["_fold_cache"] = (key, scale, shift)
+        self.__dict__["_fold_cache"] = (key, scale, shift)
         return scale, shift
 
     def _use_prepacked(self, x: torch.Tensor) -> bool:
@@ -277,13 +282,12 @@ class DWConvBNAct2d(nn.Module):
                 and not torch.is_grad_enabled() and not _tracing()
                 and resolve_backend(self.backend, x.device) == "cuda")
 
-    def _prepacked(self, bn, scale, shift):
+    def _prepacked(self, key, scale, shift):
         """(weight, scale, shift) as views of one packed buffer, cached while the weight, the
         BatchNorm parameters and buffers and the conv bias are unchanged (the fold cache's key
         plus the weight's identity, version and storage)."""
         from .ops import prepack_params
 
-        key = self._fold_key(bn)
         if key is not None:
             w = self.weight
             try:
@@ -305,12 +309,13 @@ class DWConvBNAct2d(nn.Module):
         bn = self.bn
         if bn.training or bn.running_mean is None or bn.running_var is None:
             return self._forward_batch_stats(x, bn)
-        scale, shift = self._folded(bn)
+        key = self._cache_key(bn)  # (one key for the fold and the pack caches)
+        scale, shift = self._folded(bn, key)
         if scale.dtype != x.dtype and scale.dtype != torch.float32:  # fp64 BN, lower-precision x
             scale, shift = scale.float(), shift.float()
         weight = self.weight
         if self._use_prepacked(x):
-            weight, scale, shift = self._prepacked(bn, scale, shift)
+            weight, scale, shift = self._prepacked(key, scale, shift)
         return dwconv_bn_act(
             x, weight, scale, shift,
             stride=self.stride, padding=self.padding, dilation=self.dilation,
