@@ -1,12 +1,12 @@
-// CUDA implementation of fastdw::_dwconv_bn_act_backward: gu = dy * act'(u) (pre-activation
-// recomputed), dx by gather, and the weight / scale / shift gradients reduced over fixed chunks
-// of output rows then summed in chunk order: deterministic whatever the deterministic flag says
-// (no atomics). Bodies in dwconv_bn_act_kernels.h, plan in dwconv_bn_act_gpu_host.h.
+// CUDA implementation of fastdw::_dwconv_bn_act_backward: 3x3 stride 1 / 2 in one fused kernel
+// (pre-activation recomputed per tile, dx and per-tile sums) and a two-stage finish; other shapes
+// by gu, dx by gather and chunked sums. Deterministic whatever the deterministic flag says (fixed
+// orders, no atomics). Bodies in dwconv_bn_act_bwd_kernels.h, plan in dwconv_bn_act_bwd_gpu_host.h.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda_exec.cuh"
-#include "dwconv_bn_act_gpu_host.h"
+#include "dwconv_bn_act_bwd_gpu_host.h"
 
 namespace fastdw {
 namespace {

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "dwconv_bn_act_train_gpu_host.h"
+#include "dwconv_bn_act_bwd_gpu_host.h"
 
 namespace fastdw {
 namespace {
@@ -82,6 +82,18 @@ std::vector<std::string> emulated_fwd_launches(const at::Tensor& x, const at::Te
   return names;
 }
 
+// The kernels the GPU backward launches for these arguments, in order.
+std::vector<std::string> emulated_bwd_launches(const at::Tensor& grad_out, const at::Tensor& x,
+                                               const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                                               const c10::optional<at::Tensor>& shift, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view act,
+                                               std::array<bool, 4> output_mask) {
+  GpuBwdPlan g = plan_bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, std::string(act), output_mask);
+  std::vector<std::string> names;
+  schedule_bwd(g, ListExec{&names});
+  return names;
+}
+
 inline bool p_is_cl(const GpuFwdPlan& g) { return g.args.p.channels_last; }
 
 // "" without dilation, "d2" for dilation (2, 2), "d2x4" for (2, 4)
@@ -118,6 +130,7 @@ TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
   m.impl("_dwconv_bn_act_backward_gpu_emulated", &emulated_bwd);
   m.impl("_dwconv_bn_act_gpu_path", &emulated_fwd_path);
   m.impl("_dwconv_bn_act_gpu_launches", &emulated_fwd_launches);
+  m.impl("_dwconv_bn_act_backward_gpu_launches", &emulated_bwd_launches);
   m.impl("_dwconv_bn_act_train_gpu_emulated", &emulated_train_fwd);
   m.impl("_dwconv_bn_act_train_backward_gpu_emulated", &emulated_train_bwd);
 }

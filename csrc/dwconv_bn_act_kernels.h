@@ -1,21 +1,14 @@
 // Per-thread bodies of the GPU kernels of fastdw::dwconv_bn_act and its backward.
 //
 // Each body computes what one CUDA thread computes, given its linear thread index. The .cu files
-// wrap them in __global__ kernels (dwconv_bn_act_fwd.cu, dwconv_bn_act_bwd.cu); the host
+// wrap them in __global__ kernels (dwconv_bn_act_fwd.cu, dwconv_bn_act_train_fwd.cu); the host
 // emulation (dwconv_bn_act_emulate.cpp) runs the same bodies in loops over every thread index on
 // the CPU, so the indexing, bounds, vector paths and reductions are tested without a GPU.
 // Bodies use no shared memory, barriers or atomics, which is what makes that emulation exact.
 //
 // Math: z = sum_{kh,kw} x[n, c, oh*sh-ph+kh*dh, ow*sw-pw+kw*dw] * w[c, kh, kw] (fp32)
 //       y = act(z * scale[c] + shift[c])   ((z - center[c]) * scale + shift in training mode)
-// Backward (the pre-activation is recomputed, never saved):
-//       gu = dy * act'(u)                 (kernel 1, one fp32 value per output element)
-//       dx = sum_taps gu * scale[c] * w   (kernel 2, gather form: each thread one dx element)
-//       G[c, t] = sum gu * x_tap, G[c, T] = sum gu   (kernel 3: fixed chunks -> partials;
-//       kernel 4 adds the chunks in order: deterministic, no atomics)
-//       dweight = scale * G[:, :T],  dshift = G[:, T],  dscale = sum_t w[c, t] * G[c, t]
-// Every such sum is a BlockSum within a thread and double across threads: about as accurate as
-// the fp32 terms themselves, whatever the shape.
+// The backward's bodies are in dwconv_bn_act_bwd_kernels.h.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -78,15 +71,6 @@ struct Args {
   // fwd_scalar_win with dilation: the output phases per axis (1 without dilation) and the
   // dilations, see there
   FastDiv div_ph, div_pw, div_dh, div_dw;
-};
-
-struct BwdArgs {
-  Args a;
-  const void* dy;     // (N, C, OH, OW) in the op's layout
-  float* gu;          // (N, C, OH, OW) fp32 workspace, same layout
-  void* dx;           // (N, C, H, W) or nullptr
-  double* partial;    // (nchunks, T+1, C) workspace
-  int64_t nchunks, rows_per_chunk;  // chunks of the N*OH output rows
 };
 
 template <typename T>
@@ -683,123 +667,6 @@ FASTDW_HD void pack_params(const PackArgs& a, int64_t i) {
   a.out[i] = v;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Backward
-
-// Kernel 1: gu = dy * act'(z * scale + shift), one thread per output element (memory order).
-template <typename scalar_t, Act A>
-FASTDW_HD void bwd_gu(const BwdArgs& b, int64_t i) {
-  const DwConvParams& p = b.a.p;
-  int64_t n, c, oh, ow;
-  decode(p.channels_last, i, p.C, p.OH, p.OW, n, c, oh, ow);
-  const auto* x = static_cast<const scalar_t*>(p.x_ptr);
-  const float z = conv_at<scalar_t>(b.a, x, n, c, oh, ow);
-  const float g = to_f(static_cast<const scalar_t*>(b.dy)[i]);
-  b.gu[i] = act_bwd<A>(z * b.a.scale[c] + b.a.shift[c], g);
-}
-
-// Kernel 2: dx[n, c, ih, iw] = scale[c] * sum over the taps whose output (oh, ow) exists of
-// gu[n, c, oh, ow] * w[c, kh, kw]; one thread per input element (gather: no write conflicts).
-template <typename scalar_t>
-FASTDW_HD void bwd_dx(const BwdArgs& b, int64_t i) {
-  const DwConvParams& p = b.a.p;
-  int64_t n, c, ih, iw;
-  decode(p.channels_last, i, p.C, p.H, p.W, n, c, ih, iw);
-  float s = 0.f;
-  for (int64_t kh = 0; kh < p.KH; ++kh) {
-    const int64_t hn = ih + p.pad_h - kh * p.dil_h;
-    if (hn < 0 || hn % p.stride_h != 0) continue;
-    const int64_t oh = hn / p.stride_h;
-    if (oh >= p.OH) continue;
-    for (int64_t kw = 0; kw < p.KW; ++kw) {
-      const int64_t wn = iw + p.pad_w - kw * p.dil_w;
-      if (wn < 0 || wn % p.stride_w != 0) continue;
-      const int64_t ow = wn / p.stride_w;
-      if (ow >= p.OW) continue;
-      s += b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)] * b.a.wt[(kh * p.KW + kw) * p.C + c];
-    }
-  }
-  static_cast<scalar_t*>(b.dx)[i] = static_cast<scalar_t>(s * b.a.scale[c]);
-}
-
-// Kernel 3: partial[chunk, j, c] = sum over the output positions of rows chunk*rpc .. of
-// gu * x_tap(j) (j < T) or gu (j == T). Thread index: c fastest, then j, then chunk, so a warp
-// reads consecutive channels (coalesced in channels_last).
-template <typename scalar_t>
-FASTDW_HD void bwd_partial(const BwdArgs& b, int64_t i) {
-  const DwConvParams& p = b.a.p;
-  const int64_t T = p.KH * p.KW;
-  const int64_t c = i % p.C;
-  const int64_t j = (i / p.C) % (T + 1);
-  const int64_t chunk = i / (p.C * (T + 1));
-  const int64_t kh = j / p.KW, kw = j % p.KW;
-  const auto* x = static_cast<const scalar_t*>(p.x_ptr);
-  const int64_t r_begin = chunk * b.rows_per_chunk;
-  const int64_t r_end = r_begin + b.rows_per_chunk < p.N * p.OH ? r_begin + b.rows_per_chunk : p.N * p.OH;
-  BlockSum<1> s;
-  if (j == T) {  // dshift: sum of gu
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const int64_t n = r / p.OH, oh = r % p.OH;
-      for (int64_t ow = 0; ow < p.OW; ++ow) {
-        s.add(0, b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)]);
-        s.step();
-      }
-    }
-  } else {  // tap j: sum of gu * x at that tap, over the positions where the tap is inside x
-    const int64_t ow_lo_num = p.pad_w - kw * p.dil_w;  // ow*sw >= this  <=>  iw >= 0
-    const int64_t ow_lo = ow_lo_num <= 0 ? 0 : (ow_lo_num + p.stride_w - 1) / p.stride_w;
-    const int64_t ow_hi_num = p.W - 1 + p.pad_w - kw * p.dil_w;  // ow*sw <= this  <=>  iw < W
-    const int64_t ow_hi = ow_hi_num < 0 ? 0 : (ow_hi_num / p.stride_w + 1 < p.OW ? ow_hi_num / p.stride_w + 1 : p.OW);
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const int64_t n = r / p.OH, oh = r % p.OH;
-      const int64_t ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
-      if (ih < 0 || ih >= p.H) continue;
-      for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
-        const int64_t iw = ow * p.stride_w - p.pad_w + kw * p.dil_w;
-        s.add(0, b.gu[offset(p.channels_last, n, c, oh, ow, p.C, p.OH, p.OW)] *
-                     to_f(x[offset(p.channels_last, n, c, ih, iw, p.C, p.H, p.W)]));
-        s.step();
-      }
-    }
-  }
-  b.partial[i] = s.value(0);
-}
-
-// Kernel 4: one thread per channel adds the chunk partials in chunk order, in double
-// (deterministic), and forms dweight (weight dtype), dscale and dshift (fp32).
-template <typename weight_t>
-FASTDW_HD void bwd_finish(const BwdArgs& b, weight_t* dw, float* dscale, float* dshift, int64_t c) {
-  const DwConvParams& p = b.a.p;
-  const int64_t T = p.KH * p.KW;
-  double ds = 0.0;
-  for (int64_t j = 0; j <= T; ++j) {
-    double g = 0.0;
-    for (int64_t k = 0; k < b.nchunks; ++k) g += b.partial[(k * (T + 1) + j) * p.C + c];
-    if (j == T) {
-      if (dshift != nullptr) dshift[c] = static_cast<float>(g);
-    } else {
-      if (dw != nullptr) dw[c * T + j] = static_cast<weight_t>(static_cast<float>(g * b.a.scale[c]));
-      ds += g * b.a.wt[j * p.C + c];
-    }
-  }
-  if (dscale != nullptr) dscale[c] = static_cast<float>(ds);
-}
-
-struct FinishArgs {
-  BwdArgs b;
-  void* dw;       // (C, 1, KH, KW) in the weight dtype, or nullptr
-  float* dscale;  // (C,) or nullptr
-  float* dshift;  // (C,) or nullptr
-};
-
-// Chunking of the N*OH output rows for kernel 3: fixed by the shape (never by the device), so
-// results are bitwise repeatable across runs and GPUs.
-FASTDW_HD void bwd_chunks(int64_t rows, int64_t& nchunks, int64_t& rows_per_chunk) {
-  const int64_t want = rows < 256 ? rows : 256;
-  rows_per_chunk = want > 0 ? (rows + want - 1) / want : 1;
-  nchunks = rows_per_chunk > 0 ? (rows + rows_per_chunk - 1) / rows_per_chunk : 0;
-}
-
 // The forward path the launcher takes (one rule for the GPU and its emulation).
 enum class FwdPath { General, NhwcVec3, NhwcVec5, NhwcVec7, Win3S1, Win3S2, Nchw3S1, Nchw3S2, ScalarWin };
 
@@ -932,24 +799,6 @@ struct PackParams {
 template <typename scalar_t, Act A>
 struct FwdGeneral {
   static FASTDW_HD void body(const Args& a, int64_t i) { fwd_general<scalar_t, A>(a, i); }
-};
-template <typename scalar_t, Act A>
-struct BwdGu {
-  static FASTDW_HD void body(const BwdArgs& b, int64_t i) { bwd_gu<scalar_t, A>(b, i); }
-};
-template <typename scalar_t>
-struct BwdDx {
-  static FASTDW_HD void body(const BwdArgs& b, int64_t i) { bwd_dx<scalar_t>(b, i); }
-};
-template <typename scalar_t>
-struct BwdPartial {
-  static FASTDW_HD void body(const BwdArgs& b, int64_t i) { bwd_partial<scalar_t>(b, i); }
-};
-template <typename weight_t>
-struct BwdFinish {
-  static FASTDW_HD void body(const FinishArgs& f, int64_t c) {
-    bwd_finish<weight_t>(f.b, static_cast<weight_t*>(f.dw), f.dscale, f.dshift, c);
-  }
 };
 
 }  // namespace kern

@@ -1,12 +1,13 @@
-// CUDA implementation of fastdw::_dwconv_bn_act_train_backward: the gu reductions (pass A), dz
-// (pass B), then the inference backward's dx and dweight kernels on dz. Deterministic: fixed
-// chunks summed in order, no atomics. Bodies in dwconv_bn_act_train_kernels.h, plan in
-// dwconv_bn_act_train_gpu_host.h.
+// CUDA implementation of fastdw::_dwconv_bn_act_train_backward: the gu reductions (pass A), then
+// the fused backward with the batch-statistics terms folded into its q (3x3 stride 1 / 2; other
+// shapes: dz into a workspace, then the inference backward's dx and dweight kernels).
+// Deterministic: fixed orders, no atomics. Bodies in dwconv_bn_act_bwd_kernels.h, plan in
+// dwconv_bn_act_bwd_gpu_host.h.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda_exec.cuh"
-#include "dwconv_bn_act_train_gpu_host.h"
+#include "dwconv_bn_act_bwd_gpu_host.h"
 
 namespace fastdw {
 namespace {

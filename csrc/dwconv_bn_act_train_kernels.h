@@ -8,9 +8,11 @@
 //          2. (host) the chunks merged in order (Chan et al.) -> batch mean, biased variance;
 //          3. the inference forward (FwdVec / FwdGeneral) with center = mean, scale = gamma *
 //             invstd, shift = beta: the conv is recomputed, nothing is stored in between.
-// Backward: A. TrainBwdReduce: per chunk, sum gu and sum gu * (z - mean), gu = act'(u) * dy;
-//           B. TrainBwdDz: dz = scale * gu + lin * (z - mean) + cst (fp32, one per output);
-//           C. the inference backward's dx / dweight kernels on dz with scale 1.
+// Backward (bodies in dwconv_bn_act_bwd_kernels.h):
+//           A. TrainBwdReduce: per chunk, sum gu and sum gu * (z - mean), gu = act'(u) * dy;
+//           B. dz = scale * gu + lin * (z - mean) + cst, folded into the fused backward (3x3) or
+//              written by TrainBwdDz (fp32, one per output) for the inference backward's dx /
+//              dweight kernels with scale 1.
 #pragma once
 #include "dwconv_bn_act_kernels.h"
 
@@ -118,56 +120,6 @@ FASTDW_HD void train_stats(const StatArgs& s, int64_t i) {
   }
 }
 
-// Backward pass A: part[chunk, 0, c] = sum gu * (z - center), part[chunk, 1, c] = sum gu.
-template <typename scalar_t, Act A, bool kVec>
-FASTDW_HD void train_bwd_reduce(const StatArgs& s, int64_t i) {
-  constexpr int V = ChanVec<scalar_t, kVec>::V;
-  const DwConvParams& p = s.a.p;
-  const auto [c0, chunk, r0, r1] = chunk_thread(s, i, V);
-  const auto* x = static_cast<const scalar_t*>(p.x_ptr);
-  const auto* dy = static_cast<const scalar_t*>(s.dy);
-  float sc[V], sh[V], ce[V];
-  BlockSum<V> ss, sb;
-  for (int v = 0; v < V; ++v) {
-    sc[v] = s.a.scale[c0 + v];
-    sh[v] = s.a.shift[c0 + v];
-    ce[v] = s.a.center[c0 + v];
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / p.OH, oh = r % p.OH;
-    for (int64_t ow = 0; ow < p.OW; ++ow) {
-      float z[V], g[V];
-      conv_vec_at<scalar_t, kVec>(s.a, x, n, c0, oh, ow, z);
-      load_vec<scalar_t, kVec>(dy, offset(p.channels_last, n, c0, oh, ow, p.C, p.OH, p.OW), g);
-      for (int v = 0; v < V; ++v) {
-        const float zc = z[v] - ce[v];
-        const float gu = act_bwd<A>(zc * sc[v] + sh[v], g[v]);
-        sb.add(v, gu);
-        ss.add(v, gu * zc);
-      }
-      sb.step();
-      ss.step();
-    }
-  }
-  for (int v = 0; v < V; ++v) {
-    s.part[(chunk * 2 + 0) * p.C + c0 + v] = ss.value(v);
-    s.part[(chunk * 2 + 1) * p.C + c0 + v] = sb.value(v);
-  }
-}
-
-// Backward pass B: one thread per output element (memory order), dz into the fp32 workspace.
-template <typename scalar_t, Act A>
-FASTDW_HD void train_bwd_dz(const BwdArgs& b, int64_t i) {
-  const DwConvParams& p = b.a.p;
-  int64_t n, c, oh, ow;
-  decode(p.channels_last, i, p.C, p.OH, p.OW, n, c, oh, ow);
-  const auto* x = static_cast<const scalar_t*>(p.x_ptr);
-  const float z = conv_at<scalar_t>(b.a, x, n, c, oh, ow);
-  const float sc = b.a.scale[c], zc = z - b.a.center[c];
-  const float gu = act_bwd<A>(zc * sc + b.a.shift[c], to_f(static_cast<const scalar_t*>(b.dy)[i]));
-  b.gu[i] = gu * sc + (b.a.lin[c] * zc + b.a.cst[c]);
-}
-
 // Chunks of the N*OH output rows for the per-(chunk, channel vector) kernels: about 64K threads
 // (an H100 holds 132 x 2048), fixed by the shape and never by the device, so the results are
 // bitwise repeatable.
@@ -182,14 +134,6 @@ FASTDW_HD void train_chunks(int64_t rows, int64_t cvecs, int64_t& nchunks, int64
 template <typename scalar_t, bool kVec>
 struct TrainStats {
   static FASTDW_HD void body(const StatArgs& s, int64_t i) { train_stats<scalar_t, kVec>(s, i); }
-};
-template <typename scalar_t, Act A, bool kVec>
-struct TrainBwdReduce {
-  static FASTDW_HD void body(const StatArgs& s, int64_t i) { train_bwd_reduce<scalar_t, A, kVec>(s, i); }
-};
-template <typename scalar_t, Act A>
-struct TrainBwdDz {
-  static FASTDW_HD void body(const BwdArgs& b, int64_t i) { train_bwd_dz<scalar_t, A>(b, i); }
 };
 
 }  // namespace kern

@@ -55,4 +55,8 @@ TORCH_LIBRARY(fastdw, m) {
   m.def(
       "_dwconv_bn_act_gpu_launches(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, int[2] stride, "
       "int[2] padding, int[2] dilation, str act) -> str[]");
+  // The same for the GPU backward (the fused path or the general one).
+  m.def(
+      "_dwconv_bn_act_backward_gpu_launches(Tensor grad_out, Tensor x, Tensor weight, Tensor? scale, "
+      "Tensor? shift, int[2] stride, int[2] padding, int[2] dilation, str act, bool[4] output_mask) -> str[]");
 }

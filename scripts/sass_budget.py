@@ -23,8 +23,14 @@ steady-state thread-instructions per output element:
   * divided by the output elements the region stores (store bytes / the output element size).
 Budgets (instructions per output element) come from issue 14 and apply to the kernels named in
 BUDGETS; a fallback path of a class (C % vec != 0, unaligned views, dilation) gets 3x its class's
-fast budget. The generic kernels (shapes outside the specialised set), backward and training
-kernels are reported without a budget here.
+fast budget. The generic kernels (shapes outside the specialised set) are reported without a budget.
+
+The fused backward (BwdFused, issue 15) is counted per dx element: its stores less the per-tile
+sums it writes once per thread (K*K + 2 fp32 values), divided by the element size. Budgets:
+fp16/bf16 channels_last 3x3 stride 1 <= 40, stride 2 <= 60; fp32 NCHW 3x3 stride 1 <= 60 (the
+other layout / dtype pairs: the same numbers as their stride's class). The training variant adds
+two FFMA per q (the batch-statistics terms): +3. The general backward kernels (BwdGu, BwdDx,
+BwdPartial, BwdFinish) and the finish stages are reported without a budget.
 """
 from __future__ import annotations
 
@@ -100,6 +106,7 @@ class Kernel:
     local_bytes: int = 0
     spill_bytes: int = 0  # local (stack) bytes when the function spills: STL/LDL present
     spill_instr: int = 0
+    spill_instr_sub: int = 0  # of those, in CALLed subroutines (the IEEE fp32 division's slow path)
     threads_per_block: int = 0
     shared_bytes: int = 0
     warps_per_sm: int = 0
@@ -175,6 +182,12 @@ def analyse(instrs: List[Tuple[int, str]], elem_bytes: int, K: Optional[int]):
     loads = sorted({_width(op) for op in ops if op.startswith("LDG") or op.startswith("LD.E")})
     stores = sorted({_width(op) for op, st in zip(ops, is_store) if st})
     spills = sum(1 for op in ops if op.startswith("STL") or op.startswith("LDL"))
+    _SUB_SPILLS[0] = 0
+    calls = [int(m.group(1), 16) for _, i in body for m in [re.search(r"\bCALL\.REL\S*\s+0x([0-9a-f]+)", i)] if m]
+    if calls:  # subroutines sit after the kernel's body: from the first CALL target on
+        first = min(calls)
+        _SUB_SPILLS[0] = sum(1 for (a, _), op in zip(body, ops) if a >= first and (op.startswith("STL") or
+                                                                                  op.startswith("LDL")))
 
     def inner(lo, hi):
         return [(s, e) for s, e in loops if lo <= s and e <= hi and (s, e) != (lo, hi)]
@@ -283,6 +296,7 @@ def _dag_best_path(body, ops, is_store) -> Optional[Tuple[float, float]]:
 
 
 _LAST_PATH: List[str] = []  # opcodes of the last path _dag_best_path chose (--explain)
+_SUB_SPILLS = [0]  # spill instructions of the last analysed function inside CALLed subroutines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +315,22 @@ def _fast_budget(tag: str, dtype: str, act: str, K: Optional[int], S: Optional[i
         if K == 3:
             return (35 if S == 1 else 50) + extra
     return None
+
+
+# BwdFused<T, K, S, channels_last, smooth, train>: the tile (rows, columns of outputs) per stride,
+# as bwd_to / bwd_tw in csrc/dwconv_bn_act_bwd_kernels.h
+BWD_TILE = {1: (16, 8), 2: (8, 4)}
+
+
+def _bwd_budget(dtype: str, cl: bool, K: Optional[int], S: Optional[int], train: bool) -> Optional[float]:
+    if K != 3 or S not in (1, 2):
+        return None
+    base = 40.0 if S == 1 else 60.0
+    if dtype == "float" and not cl and S == 1:
+        base = 60.0
+    elif dtype == "float" or not cl:  # fp32 channels_last / fp16 NCHW: wider elements or scalar rows
+        base = 60.0
+    return base + (3 if train else 0)
 
 
 # Tags whose kernels are a fast path (asserted by --check; FwdScalarWin also holds the fallbacks,
@@ -351,6 +381,12 @@ def classify(k: Kernel, demangled: str) -> None:
         elif not cl and k.K == 3 and k.dtype == "float":  # the fallback of the NCHW fp32 3x3 class (dilated)
             base = _fast_budget("FwdNchw", "float", k.act, 3, k.S)
             k.budget = 3 * base if base is not None else None
+        return
+    if k.tag == "BwdFused":  # <T, K, S, channels_last, smooth activation, train>
+        cl, smooth, train = (bools + [False, False, False])[:3]
+        k.act = "hardswish" if smooth else "relu6"
+        k.budget = _bwd_budget(k.dtype, cl, k.K, k.S, train)
+        k.fast_path = k.budget is not None
         return
     if k.tag == "FwdWin" and len(ints) >= 4 and ints[2] * ints[3] == 1:
         k.note = "small-problem tile (one output vector per thread, < 32768 strip threads): latency-bound, no budget"
@@ -437,8 +473,11 @@ def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> Li
                 k.warps_per_sm = warps_per_sm(regs, k.threads_per_block, shared)
                 eb = _ELEM.get(k.dtype, 4)
                 tot, n_ins, n_out, est, ld, st, sp = analyse(instrs, eb, k.K)
+                if k.tag == "BwdFused" and k.K:  # dx elements: less the per-tile sums (fp32 each)
+                    n_out = max(0.0, n_out - (k.K * k.K + 2) * 4 / eb)
                 k.instr_total, k.region_instr, k.outputs_per_region, k.estimated = tot, n_ins, n_out, est
                 k.load_bits, k.store_bits, k.spill_instr = ld, st, sp
+                k.spill_instr_sub = _SUB_SPILLS[0]
                 if explain:
                     from collections import Counter
 
@@ -453,7 +492,7 @@ def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> Li
                     reasons = []
                     if k.instr_per_output is None or k.instr_per_output > k.budget:
                         reasons.append(f"{k.instr_per_output} instr/output > budget {k.budget}")
-                    if sp:
+                    if sp > k.spill_instr_sub:  # (a subroutine's spill runs only on its rare slow path)
                         reasons.append(f"spills ({sp} STL/LDL, {k.spill_bytes} B)")
                     if k.fast_path and k.warps_per_sm < 8:
                         reasons.append(f"{k.warps_per_sm} resident warps/SM < 8")

@@ -443,3 +443,94 @@ def test_awkward_sizes_forward_and_backward(layout):
                             if not err <= 1e-5:
                                 fails.append(f"{H}x{W} k{k}s{s}p{p}d{d} {name}: rel err {err:.2e}")
     assert n > 20 and not fails, "\n".join(fails)
+
+
+BWD_LAUNCHES = torch.ops.fastdw._dwconv_bn_act_backward_gpu_launches.default
+FUSED = ["PackParams", "BwdFused", "BwdReduceTiles", "BwdReduceGroups"]
+GENERAL = ["PackParams", "BwdGu", "BwdDx", "BwdPartial", "BwdFinish"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_launches(layout):
+    """3x3 at stride 1 / 2 without dilation: one fused kernel and the two finish stages (no gu
+    workspace); everything else the general kernels. Weight-less masks skip the finish."""
+    x = _layout(torch.randn(2, 8, 12, 12), layout)
+    sc, sh = torch.rand(8) + 0.5, torch.randn(8)
+
+    def launches(k, s, p, d, mask=(True,) * 4):
+        w = torch.randn(8, 1, k, k)
+        OH = (12 + 2 * p - d * (k - 1) - 1) // s + 1
+        g = torch.randn(2, 8, OH, OH)
+        return BWD_LAUNCHES(g, x, w, sc, sh, [s, s], [p, p], [d, d], "relu6", list(mask))
+
+    assert launches(3, 1, 1, 1) == FUSED
+    assert launches(3, 2, 1, 1) == FUSED
+    assert launches(3, 1, 0, 1) == FUSED
+    assert launches(3, 1, 1, 1, (True, False, False, False)) == FUSED[:2]
+    assert launches(3, 1, 2, 2) == GENERAL
+    assert launches(5, 1, 2, 1) == GENERAL
+    assert launches(3, 3, 1, 1) == GENERAL
+
+
+# sizes with interior tiles (16 x 8 outputs at stride 1, 8 x 4 at stride 2), ragged last tiles,
+# and paddings 0 .. 3 (the first tile's extra dx rows, and padding past K - 1)
+FUSED_CASES = [(1, 1, 40, 37), (1, 0, 35, 26), (1, 2, 33, 19), (1, 3, 20, 18), (2, 1, 38, 41),
+               (2, 0, 37, 35), (2, 2, 18, 34), (2, 3, 21, 17)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced_cl"])
+def test_fused_backward_tiles(layout):
+    fails = []
+    for i, (s, p, H, W) in enumerate(FUSED_CASES):
+        act = ACTS[i % len(ACTS)]
+        C = 3
+        x = _layout(torch.randn(2, C, H, W, dtype=torch.float64), layout)
+        w = torch.randn(C, 1, 3, 3, dtype=torch.float64)
+        sc, sh = torch.rand(C, dtype=torch.float64) + 0.5, 0.5 * torch.randn(C, dtype=torch.float64)
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, sc, sh)]
+        ref = dwconv_bn_act_ref(*leaves, s, p, 1, act)
+        g = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, leaves, g)
+        got = EMU_BWD(g.float(), x.float(), w.float(), sc.float(), sh.float(), [s, s], [p, p], [1, 1], act,
+                      [True] * 4, True)
+        for name, a, b in zip(("dx", "dweight", "dscale", "dshift"), got, want):
+            err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
+            if not err <= 1e-5:
+                fails.append(f"s{s} p{p} {H}x{W} {act} {name}: rel err {err:.2e}")
+        # dx only, and weight gradients only: the same values
+        dx_only = EMU_BWD(g.float(), x.float(), w.float(), sc.float(), sh.float(), [s, s], [p, p], [1, 1], act,
+                          [True, False, False, False], True)
+        red_only = EMU_BWD(g.float(), x.float(), w.float(), sc.float(), sh.float(), [s, s], [p, p], [1, 1], act,
+                           [False, True, True, True], True)
+        assert torch.equal(dx_only[0], got[0]) and dx_only[1].numel() == 0
+        assert red_only[0].numel() == 0 and all(torch.equal(u, v) for u, v in zip(red_only[1:], got[1:]))
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_backward_low_precision(dtype):
+    """fp16 / bf16 activations with fp32 parameters: dx within the dtype's rounding, the weight,
+    scale and shift gradients as accurate as fp32 sums of the rounded inputs."""
+    x = torch.randn(2, 16, 34, 20).to(dtype).to(memory_format=torch.channels_last)
+    w, sc, sh = torch.randn(16, 1, 3, 3), torch.rand(16) + 0.5, torch.randn(16)
+    g = torch.randn(2, 16, 17, 10).to(dtype)
+    got = EMU_BWD(g, x, w, sc, sh, [2, 2], [1, 1], [1, 1], "hardswish", [True] * 4, False)
+    leaves = [t.double().clone().requires_grad_(True) for t in (x, w, sc, sh)]
+    ref = dwconv_bn_act_ref(*leaves, 2, 1, 1, "hardswish")
+    want = torch.autograd.grad(ref, leaves, g.double())
+    assert got[0].dtype == dtype
+    for name, a, b in zip(("dx", "dweight", "dscale", "dshift"), got, want):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err <= (TOL[dtype] if name == "dx" else 1e-5), (name, err)
+
+
+def test_fused_backward_zero_sized_outputs():
+    """No outputs (a kernel larger than the padded image is refused; an empty batch or zero
+    channels are not): zero gradients of the right shapes on the fused path."""
+    for N, C in ((0, 8), (2, 0)):
+        x = torch.randn(N, C, 10, 10).to(memory_format=torch.channels_last)
+        w, sc, sh = torch.randn(C, 1, 3, 3), torch.rand(C) + 0.5, torch.randn(C)
+        dx, dw, ds, db = EMU_BWD(torch.randn(N, C, 10, 10), x, w, sc, sh, [1, 1], [1, 1], [1, 1], "silu",
+                                 [True] * 4, False)
+        assert dx.shape == x.shape and not dx.any() and dw.shape == w.shape and not dw.any()
+        assert ds.shape == (C,) and db.shape == (C,) and not ds.any() and not db.any()

@@ -30,12 +30,23 @@ def _report():
         sb.find_tools()
     except SystemExit as e:
         pytest.skip(str(e))
-    return sb.report(fastdw._C.__file__, "90", r"Fwd(Win|Nchw|ScalarWin|General|Vec)<")
+    # one pass over the cubins for the forward and the fused backward kernels
+    return sb.report(fastdw._C.__file__, "90", r"Fwd(Win|Nchw|ScalarWin|General|Vec)<|BwdFused<")
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def all_kernels():
     return _report()
+
+
+@pytest.fixture(scope="module")
+def kernels(all_kernels):
+    return [k for k in all_kernels if k.tag.startswith("Fwd")]
+
+
+@pytest.fixture(scope="module")
+def bwd_kernels(all_kernels):
+    return [k for k in all_kernels if k.tag == "BwdFused"]
 
 
 def test_fast_paths_are_there(kernels):
@@ -97,3 +108,28 @@ def test_budget_counting_is_not_vacuous():
     f = sb.parse_sass(sass)["k"]
     total, n_ins, n_out, est, ld, st, sp = sb.analyse(f, 2, None)
     assert total == 9 and n_out == 8 and n_ins == 6 and st == [128] and not est
+
+
+def test_fused_backward_kernels(bwd_kernels):
+    """The fused 3x3 backward (issue 15), counted per dx element: every variant (3 dtypes x stride
+    1 / 2 x both layouts x ReLU family / smooth activations x inference / training) is there,
+    keeps 8+ warps per SM and does not spill in its body, except a ratchet on the channels_last
+    kernels that ptxas holds at 168 registers (at most 8 bytes, 4 STL/LDL per thread of 64 or 128
+    dx elements). Held to the issue's budget where it is met today: every stride-2 kernel
+    (<= 60 per dx element, training 63) and the NCHW fp32 stride-1 class (<= 60 / 63); the
+    other stride-1 kernels (NCHW fp16/bf16 57-74, channels_last 75-95, budget 40-60) are
+    reported by scripts/sass_budget.py and not yet held (issue 15 stays open)."""
+    assert len(bwd_kernels) == 48, sorted(k.kernel for k in bwd_kernels)
+    for k in bwd_kernels:
+        dtype, K, S, cl, smooth, train = k.kernel[k.kernel.index("<") + 1:-1].split(", ")
+        assert (K, S) == (str(k.K), str(k.S)) and cl in ("true", "false"), k.kernel
+        cl = cl == "true"
+        assert k.instr_per_output is not None and k.budget is not None, k.kernel
+        body_spills = k.spill_instr - k.spill_instr_sub  # (the fp32 division's slow-path subroutine aside)
+        if cl:
+            assert body_spills <= 4 and k.spill_bytes <= 8, (k.kernel, body_spills, k.spill_bytes)
+        else:
+            assert body_spills == 0, (k.kernel, body_spills)
+        if k.S == 2 or (dtype == "float" and not cl):
+            assert k.instr_per_output <= k.budget, (k.kernel, k.instr_per_output, k.budget)
+        assert k.warps_per_sm >= 8, (k.kernel, k.warps_per_sm)

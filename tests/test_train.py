@@ -358,6 +358,20 @@ def test_emulated_many_chunks():
     assert not check_backend("emulated", inputs, conf, "relu6", "many chunks")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_fused_backward_tiles(layout):
+    """Images with interior tiles of the fused 3x3 backward (the batch-statistics terms folded into
+    its q), ragged last tiles, and padding 0 / 2, every activation."""
+    fails = []
+    for i, (act, s, p, H, W) in enumerate((("relu6", 1, 1, 37, 29), ("hardswish", 2, 1, 35, 36),
+                                            ("silu", 1, 0, 34, 20), ("relu", 2, 2, 19, 33),
+                                            ("none", 1, 2, 18, 17))):
+        inputs = make_train_inputs(2, 3, H, W, 3, layout=layout, bias=i != 1)
+        conf = ([s, s], [p, p], [1, 1], 1e-5)
+        fails += check_backend("emulated", inputs, conf, act, f"{act} s{s} p{p} {H}x{W}")
+    assert not fails, "\n".join(fails)
+
+
 def _triton_or_skip():
     if "triton" not in fastdw.available_backends():
         pytest.skip("no Triton backend here (no GPU and no TRITON_INTERPRET=1)")
