@@ -11,11 +11,14 @@ TORCH_SPEC=${TORCH_SPEC:-torch==$($PY -c 'import torch; print(torch.__version__.
 # resolve paths before leaving the current directory
 CUOBJDUMP=${CUOBJDUMP:-$(command -v cuobjdump || true)}
 [ -n "$CUOBJDUMP" ] && CUOBJDUMP=$(readlink -f "$CUOBJDUMP")
-VENV=$(mktemp -d)/venv
+# one scratch directory for the venv (about 6 GB with torch) and the run, removed on any exit
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+VENV=$WORK/venv
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" numpy
 "$VENV/bin/python" -m pip install -q --no-deps "$WHEEL"
-cd "$(mktemp -d)"   # nothing of the source tree importable from here
+mkdir "$WORK/run" && cd "$WORK/run"   # nothing of the source tree importable from here
 "$VENV/bin/python" - "$WHEEL" <<'PY'
 import sys
 import torch
