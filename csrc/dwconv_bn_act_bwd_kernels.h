@@ -394,8 +394,9 @@ FASTDW_HD int64_t bwd_part_index(bool cl, int64_t tl, int64_t j, int64_t c, int6
   return cl ? (tl * rows + j) * C + c : (j * C + c) * tiles + tl;
 }
 
-// The fused backward: thread = one channel c of image n x tile (tr, tc), decoded as in
-// fwd_scalar_win (channels_last: c fastest; NCHW: the column tile fastest).
+// The fused backward: thread = one channel c of image n x tile (tr, tc), decoded as
+// fwd_scalar_win's threads are (decode_channel_strip: channels_last c fastest, NCHW the column
+// tile fastest).
 template <typename scalar_t, int K, int S, bool kCL, bool kSmooth, bool kTrain>
 FASTDW_HD void bwd_fused(const BwdArgs& b, int64_t i) {
   constexpr int TO = bwd_to(S), TW = bwd_tw(S), kH = bwd_halo(K, S), R = bwd_rows(K);
@@ -405,20 +406,7 @@ FASTDW_HD void bwd_fused(const BwdArgs& b, int64_t i) {
   const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
   int32_t c, tc, tr;
   int64_t n;
-  const uint32_t i0 = static_cast<uint32_t>(i);
-  if constexpr (kCL) {
-    const uint32_t i1 = a.div_vec.div(i0), i2 = a.div_tw.div(i1), i3 = a.div_th.div(i2);
-    c = static_cast<int32_t>(i0 - i1 * a.div_vec.d);
-    tc = static_cast<int32_t>(i1 - i2 * a.div_tw.d);
-    tr = static_cast<int32_t>(i2 - i3 * a.div_th.d);
-    n = i3;
-  } else {
-    const uint32_t i1 = a.div_tw.div(i0), i2 = a.div_th.div(i1), i3 = a.div_vec.div(i2);
-    tc = static_cast<int32_t>(i0 - i1 * a.div_tw.d);
-    tr = static_cast<int32_t>(i1 - i2 * a.div_th.d);
-    c = static_cast<int32_t>(i2 - i3 * a.div_vec.d);
-    n = i3;
-  }
+  decode_channel_strip<kCL>(a, i, c, tr, tc, n);
   BwdTile<scalar_t> t;
   t.H = H;
   t.W = W;
@@ -515,16 +503,11 @@ inline void bwd_groups(int64_t tiles, int64_t& ngroups, int64_t& group) {
 }
 
 // Whether the fused backward serves a problem: 3x3, equal strides 1 or 2, no dilation, int32
-// offsets (an image with its padding and a tile's reach past its edges, and the thread count,
-// under 2^31; the bounds of select_fwd_path).
+// offsets (fits_int32 with a tile's reach past the edges).
 inline bool bwd_fused_ok(const DwConvParams& p) {
   if (p.KH != 3 || p.KW != 3 || p.dil_h != 1 || p.dil_w != 1 || p.stride_h != p.stride_w) return false;
   if (p.stride_h != 1 && p.stride_h != 2) return false;
-  const int64_t lim = (int64_t(1) << 31) - 1;
-  const int64_t cw = p.channels_last ? p.C : 1;
-  const int64_t img = (p.H + 2 * p.pad_h + 80) * (p.W + 2 * p.pad_w + 40) * cw;
-  const int64_t out_img = (p.OH + 80) * (p.OW + 40) * cw;
-  return img < lim && out_img < lim && bwd_fused_threads(p) < lim;
+  return fits_int32(p, 80, 40, bwd_fused_threads(p));
 }
 
 // Kernel tags (see dwconv_bn_act_kernels.h).

@@ -525,17 +525,12 @@ FASTDW_HD int32_t ceil_div_any(int32_t x, const FastDiv& d) {
                 : -static_cast<int32_t>(d.div(static_cast<uint32_t>(-x)));
 }
 
-template <typename scalar_t, int K, int S, int kTH, int kTW, bool kCL, bool kSmooth, bool kDil>
-FASTDW_HD void fwd_scalar_win(const Args& a, int64_t i) {
-  constexpr int kActMode = kDil ? 2 : (kSmooth ? 1 : 0);
-  constexpr int kCols = (kTW - 1) * S + K;
-  constexpr int kRows = (kTH - 1) * S + K;
-  const DwConvParams& p = a.p;
-  const int32_t C = static_cast<int32_t>(p.C), H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
-  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
-  // channels_last: i = ((n * nth + sh) * ntw + sw) * C + c; NCHW: i = ((n * C + c) * nth + sh) * ntw + sw
-  int32_t c, sw, sh;
-  int64_t n;
+// The thread decode of the one-channel-per-thread window kernels (fwd_scalar_win, and the fused
+// backward): channel c of image n x strip / tile (sh, sw) of div_th x div_tw per image, by
+// multiplicative divisions. channels_last: i = ((n * nth + sh) * ntw + sw) * C + c (c fastest: a
+// warp reads 32 channels of a pixel); NCHW: i = ((n * C + c) * nth + sh) * ntw + sw (sw fastest).
+template <bool kCL>
+FASTDW_HD void decode_channel_strip(const Args& a, int64_t i, int32_t& c, int32_t& sh, int32_t& sw, int64_t& n) {
   const uint32_t i0 = static_cast<uint32_t>(i);
   if constexpr (kCL) {
     const uint32_t i1 = a.div_vec.div(i0), i2 = a.div_tw.div(i1), i3 = a.div_th.div(i2);
@@ -550,6 +545,31 @@ FASTDW_HD void fwd_scalar_win(const Args& a, int64_t i) {
     c = static_cast<int32_t>(i2 - i3 * a.div_vec.d);
     n = i3;
   }
+}
+
+// Whether a problem's offsets fit the window kernels' int32 arithmetic: an image (channels_last)
+// or plane (NCHW) with its padding and the rows / columns a thread may address past either edge
+// (row_reach / col_reach, dilation included), its output likewise, and the thread count, all
+// under 2^31.
+inline bool fits_int32(const DwConvParams& p, int64_t row_reach, int64_t col_reach, int64_t threads) {
+  const int64_t lim = (int64_t(1) << 31) - 1;
+  const int64_t cw = p.channels_last ? p.C : 1;
+  const int64_t img = (p.H + 2 * p.pad_h + row_reach) * (p.W + 2 * p.pad_w + col_reach) * cw;
+  const int64_t out_img = (p.OH + row_reach) * (p.OW + col_reach) * cw;
+  return img < lim && out_img < lim && threads < lim;
+}
+
+template <typename scalar_t, int K, int S, int kTH, int kTW, bool kCL, bool kSmooth, bool kDil>
+FASTDW_HD void fwd_scalar_win(const Args& a, int64_t i) {
+  constexpr int kActMode = kDil ? 2 : (kSmooth ? 1 : 0);
+  constexpr int kCols = (kTW - 1) * S + K;
+  constexpr int kRows = (kTH - 1) * S + K;
+  const DwConvParams& p = a.p;
+  const int32_t C = static_cast<int32_t>(p.C), H = static_cast<int32_t>(p.H), W = static_cast<int32_t>(p.W);
+  const int32_t OH = static_cast<int32_t>(p.OH), OW = static_cast<int32_t>(p.OW);
+  int32_t c, sw, sh;
+  int64_t n;
+  decode_channel_strip<kCL>(a, i, c, sh, sw, n);
   // element strides of a row and a column, input and output
   const int32_t rs = kCL ? W * C : W, cs = kCL ? C : 1, ors = kCL ? OW * C : OW, ocs = kCL ? C : 1;
   const int64_t x_img = kCL ? n * p.H * p.W * p.C + c : (n * p.C + c) * p.H * p.W;
@@ -721,7 +741,6 @@ inline int64_t fwd_scalar_win_threads(const DwConvParams& p, int th, int tw) {
 inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool aligned16) {
   const int vec = 16 / elem_size;
   FwdChoice ch;
-  const int64_t lim = (int64_t(1) << 31) - 1;
   const int64_t svh = phase_stride(p.stride_h, p.dil_h), svw = phase_stride(p.stride_w, p.dil_w);
   const bool dilated = p.dil_h != 1 || p.dil_w != 1;
   // KxK, K = 3 / 5 / 7, whose (phase) strides are equal and 1 or 2: the window kernels
@@ -751,10 +770,7 @@ inline FwdChoice select_fwd_path(const DwConvParams& p, int elem_size, bool alig
   // rows and columns a strip may address past either edge (at most (16 - 1) * 2 + 7 rows and 15
   // columns, times the dilation) and the thread count must stay under 2^31; larger problems take
   // the int64 kernels below. A large batch of ordinary images stays on the window kernels.
-  const int64_t cw = p.channels_last ? p.C : 1;
-  const int64_t img = (p.H + 2 * p.pad_h + 80 * p.dil_h) * (p.W + 2 * p.pad_w + 16 * p.dil_w) * cw;
-  const int64_t out_img = (p.OH + 80) * (p.OW + 16) * cw;
-  ch.idx64 = img >= lim || out_img >= lim || threads >= lim;
+  ch.idx64 = !fits_int32(p, 80 * p.dil_h, 16 * p.dil_w, threads);
   if (k357 && !ch.idx64) return ch;
   ch.path = FwdPath::General;
   ch.tile = WinTile::Strip;
