@@ -317,19 +317,12 @@ def _fast_budget(tag: str, dtype: str, act: str, K: Optional[int], S: Optional[i
     return None
 
 
-# BwdFused<T, K, S, channels_last, smooth, train>: the tile (rows, columns of outputs) per stride,
-# as bwd_to / bwd_tw in csrc/dwconv_bn_act_bwd_kernels.h
-BWD_TILE = {1: (16, 8), 2: (8, 4)}
-
-
 def _bwd_budget(dtype: str, cl: bool, K: Optional[int], S: Optional[int], train: bool) -> Optional[float]:
+    """BwdFused<T, K, S, channels_last, smooth, train>: 40 for channels_last fp16/bf16 stride 1,
+    60 for every other 3x3 class (stride 2; fp32 or NCHW stride 1); +3 for training."""
     if K != 3 or S not in (1, 2):
         return None
-    base = 40.0 if S == 1 else 60.0
-    if dtype == "float" and not cl and S == 1:
-        base = 60.0
-    elif dtype == "float" or not cl:  # fp32 channels_last / fp16 NCHW: wider elements or scalar rows
-        base = 60.0
+    base = 40.0 if (S == 1 and cl and dtype != "float") else 60.0
     return base + (3 if train else 0)
 
 
