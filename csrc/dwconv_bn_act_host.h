@@ -51,6 +51,14 @@ inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
                     min_value, "; got ", v);
 }
 
+// padding: (h, w), symmetric, or (top, left, bottom, right) (TF's "same" pads the extra row and
+// column at the bottom / right).
+inline void check_padding(at::IntArrayRef v) {
+  TORCH_CHECK_VALUE(v.size() == 2 || v.size() == 4,
+                    "fastdw: padding must have 2 elements (h, w) or 4 (top, left, bottom, right); got ", v);
+  for (const int64_t e : v) TORCH_CHECK_VALUE(e >= 0, "fastdw: padding must be >= 0; got ", v);
+}
+
 // Validates a call and fills the size/stride/act fields of `p` (pointers are left to the
 // caller). `allow_double` is true on the CPU (fp64 exists there for gradcheck).
 inline void check_and_fill(DwConvParams& p, const at::Tensor& x, const at::Tensor& weight,
@@ -88,7 +96,7 @@ inline void check_and_fill(DwConvParams& p, const at::Tensor& x, const at::Tenso
   check_vector_param(scale, "scale", x);
   check_vector_param(shift, "shift", x);
   check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
+  check_padding(padding);
   check_pair(dilation, "dilation", 1);
 
   p.N = x.size(0);
@@ -101,15 +109,18 @@ inline void check_and_fill(DwConvParams& p, const at::Tensor& x, const at::Tenso
   p.stride_w = stride[1];
   p.pad_h = padding[0];
   p.pad_w = padding[1];
+  p.pad_b = padding.size() == 4 ? padding[2] : padding[0];
+  p.pad_r = padding.size() == 4 ? padding[3] : padding[1];
   p.dil_h = dilation[0];
   p.dil_w = dilation[1];
   const int64_t ekh = p.dil_h * (p.KH - 1) + 1, ekw = p.dil_w * (p.KW - 1) + 1;
-  TORCH_CHECK_VALUE(ekh <= p.H + 2 * p.pad_h && ekw <= p.W + 2 * p.pad_w,
+  const int64_t hp = p.H + p.pad_h + p.pad_b, wp = p.W + p.pad_w + p.pad_r;
+  TORCH_CHECK_VALUE(ekh <= hp && ekw <= wp,
                     "fastdw: kernel larger than the padded input: effective kernel (dilation*(k-1)+1) "
-                    "is ", ekh, "x", ekw, " but the padded input (H + 2*padding, W + 2*padding) is ",
-                    p.H + 2 * p.pad_h, "x", p.W + 2 * p.pad_w);
-  p.OH = (p.H + 2 * p.pad_h - ekh) / p.stride_h + 1;
-  p.OW = (p.W + 2 * p.pad_w - ekw) / p.stride_w + 1;
+                    "is ", ekh, "x", ekw, " but the padded input (H + top + bottom padding, W + left + "
+                    "right padding) is ", hp, "x", wp);
+  p.OH = (hp - ekh) / p.stride_h + 1;
+  p.OW = (wp - ekw) / p.stride_w + 1;
   p.channels_last = use_channels_last(x);
 }
 

@@ -554,7 +554,7 @@ FASTDW_HD void decode_channel_strip(const Args& a, int64_t i, int32_t& c, int32_
 inline bool fits_int32(const DwConvParams& p, int64_t row_reach, int64_t col_reach, int64_t threads) {
   const int64_t lim = (int64_t(1) << 31) - 1;
   const int64_t cw = p.channels_last ? p.C : 1;
-  const int64_t img = (p.H + 2 * p.pad_h + row_reach) * (p.W + 2 * p.pad_w + col_reach) * cw;
+  const int64_t img = (p.H + p.pad_h + p.pad_b + row_reach) * (p.W + p.pad_w + p.pad_r + col_reach) * cw;
   const int64_t out_img = (p.OH + row_reach) * (p.OW + col_reach) * cw;
   return img < lim && out_img < lim && threads < lim;
 }

@@ -12,7 +12,8 @@ struct DwConvParams {
   int64_t N, C, H, W;     // input
   int64_t OH, OW;         // output
   int64_t KH, KW;         // kernel
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;  // pad_h / pad_w: top / left
+  int64_t pad_b, pad_r;   // bottom / right padding (== pad_h / pad_w unless asymmetric)
   bool channels_last;     // x, y (and grad tensors) are NHWC-dense when true, NCHW-dense when false
   Act act;
   const void* x_ptr;      // (N, C, H, W) in the layout above

@@ -10,6 +10,7 @@ ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
 BACKENDS = ("auto", "cuda", "triton", "cpu")
 
 IntOrPair = Union[int, Sequence[int]]
+Padding = Union[int, Sequence[int], str]  # also (top, left, bottom, right), "same", "valid"
 
 
 def positive_int(text: str) -> int:
@@ -58,6 +59,43 @@ def pair(v: IntOrPair, name: str) -> Tuple[int, int]:
     return t  # type: ignore[return-value]
 
 
+def padding_arg(v) -> Tuple[int, ...]:
+    """The op's padding from an int, an (h, w) pair or a (top, left, bottom, right) 4-tuple: (h, w)
+    when the two sides agree (so symmetric calls keep one spelling), else the 4-tuple."""
+    if isinstance(v, bool):
+        raise TypeError(f"fastdw: padding must be an int, an (h, w) pair or (top, left, bottom, right); got {v!r}")
+    if isinstance(v, (int, torch.SymInt)):
+        return (v, v)
+    try:
+        t = tuple(v)
+    except TypeError:
+        raise TypeError("fastdw: padding must be an int, an (h, w) pair or (top, left, bottom, right); "
+                        f"got {v!r}") from None
+    if len(t) not in (2, 4) or not all(isinstance(i, (int, torch.SymInt)) and not isinstance(i, bool) for i in t):
+        raise ValueError(f"fastdw: padding must have 2 elements (h, w) or 4 (top, left, bottom, right); got {v!r}")
+    if len(t) == 4 and t[0] == t[2] and t[1] == t[3]:
+        return t[:2]
+    return t
+
+
+def padding_ends(padding: Sequence[int]) -> Tuple[int, int, int, int]:
+    """(top, left, bottom, right) of an op padding of 2 or 4 elements."""
+    return (padding[0], padding[1], padding[0], padding[1]) if len(padding) == 2 else tuple(padding)
+
+
+def same_padding(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                 dilation: Sequence[int]) -> Tuple[int, ...]:
+    """TensorFlow's SAME padding of an (H, W) input, as an op padding: the output is ceil(size /
+    stride) and the odd pixel goes to the bottom / right (timm's Conv2dSame, PyTorch's
+    padding="same" at stride 1)."""
+    ends = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        ends.append((total // 2, total - total // 2))
+    (t, b), (l, r) = ends
+    return padding_arg((t, l, b, r))
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout rule, mirrored from csrc/dwconv_bn_act_host.h (use_channels_last).
 
@@ -70,8 +108,9 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def conv_out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+def conv_out_size(size, k, s, p, d, p_end=None):
+    """Output extent for padding p before and p_end (default p) after."""
+    return (size + p + (p if p_end is None else p_end) - d * (k - 1) - 1) // s + 1
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -122,19 +161,23 @@ def check_args(
     torch._check_value(weight.device == x.device, lambda: f"fastdw: weight must be on the same device as x "
                                                         f"({x.device}); got {weight.device}")
     check_channel_vectors(x, scale=scale, shift=shift)
-    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+    for name, v, lo in (("stride", stride, 1), ("dilation", dilation, 1)):
         torch._check_value(len(v) == 2, lambda: f"fastdw: {name} must have 2 elements (h, w); got {list(v)}")
         torch._check_value(v[0] >= lo and v[1] >= lo, lambda: f"fastdw: {name} must be >= {lo}; got {list(v)}")
+    torch._check_value(len(padding) in (2, 4), lambda: "fastdw: padding must have 2 elements (h, w) or 4 (top, "
+                                                     f"left, bottom, right); got {list(padding)}")
+    torch._check_value(all(e >= 0 for e in padding), lambda: f"fastdw: padding must be >= 0; got {list(padding)}")
+    pt, pl, pb, pr = padding_ends(padding)
     H, W = x.shape[2], x.shape[3]
     ekh, ekw = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     torch._check_value(
-        ekh <= H + 2 * padding[0] and ekw <= W + 2 * padding[1],
+        ekh <= H + pt + pb and ekw <= W + pl + pr,
         lambda: "fastdw: kernel larger than the padded input: effective kernel (dilation*(k-1)+1) is "
-                f"{ekh}x{ekw} but the padded input (H + 2*padding, W + 2*padding) is "
-                f"{H + 2 * padding[0]}x{W + 2 * padding[1]}",
+                f"{ekh}x{ekw} but the padded input (H + top + bottom padding, W + left + right padding) is "
+                f"{H + pt + pb}x{W + pl + pr}",
     )
-    return (conv_out_size(H, kh, stride[0], padding[0], dilation[0]),
-            conv_out_size(W, kw, stride[1], padding[1], dilation[1]))
+    return (conv_out_size(H, kh, stride[0], pt, dilation[0], pb),
+            conv_out_size(W, kw, stride[1], pl, dilation[1], pr))
 
 
 def check_channel_vectors(x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:

@@ -126,7 +126,8 @@ def convert(model: nn.Module, backend: str = "auto", verbose: bool = False, bare
     Searched: consecutive children [conv, bn, optional activation] of every `nn.Sequential`
     (torchvision MobileNetV2/V3, EfficientNet, MNASNet), and the attribute patterns of
     `register_pattern` (timm EfficientNet/MobileNet blocks). Eligible conv: exactly
-    `nn.Conv2d`, groups == in_channels == out_channels, padding_mode "zeros", symmetric padding.
+    `nn.Conv2d` (any zero padding, asymmetric "same" included) or timm's `Conv2dSame` (TF's SAME,
+    per input size), groups == in_channels == out_channels, padding_mode "zeros".
     Eligible BN: exactly `nn.BatchNorm2d`, or timm's `BatchNormAct2d` with a supported
     activation (absorbed) and no drop. Modules with hooks are left alone, as is everything else.
     state_dict keys and parameter names are unchanged; already fused parts are skipped.
@@ -226,7 +227,7 @@ def _why_left(parent: Optional[nn.Module], slot: Optional[str], conv: nn.Module)
 def conversion_report(model: nn.Module) -> ConversionReport:
     """Every depthwise convolution of `model` (converted or not): the fused layers, and each conv
     that still runs as stock with the reason (e.g. a channel multiplier, a padding mode, a
-    subclass such as timm's Conv2dSame, no BatchNorm right after it, an unknown parent block)."""
+    subclass of nn.Conv2d fastdw does not know, no BatchNorm right after it, an unknown parent block)."""
     fused, left, bare = [], [], []
     parents = {}
     for pname, parent in model.named_modules():
@@ -235,7 +236,8 @@ def conversion_report(model: nn.Module) -> ConversionReport:
                 parents[id(child)] = (parent, slot)
     def geometry(m):
         kh, kw = m.kernel_size
-        return f"{kh}x{kw} stride {tuple(m.stride)} dilation {tuple(m.dilation)}"
+        pad = "'same'" if m.padding == "same" else tuple(m.padding)
+        return f"{kh}x{kw} stride {tuple(m.stride)} padding {pad} dilation {tuple(m.dilation)}"
 
     for name, m in model.named_modules():
         if isinstance(m, DWConvBNAct2d):

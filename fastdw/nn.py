@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
-from ._utils import conv_out_size
+from ._utils import conv_out_size, padding_arg, padding_ends, same_padding
 
 
 def _tracing() -> bool:
@@ -44,6 +44,7 @@ _ACT_FN = {
 }
 
 _TIMM_BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
+_TIMM_CONV_SAME = "timm.layers.conv2d_same.Conv2dSame"
 
 
 def _qualname(cls) -> str:
@@ -148,6 +149,8 @@ class DWConvBNAct2d(nn.Module):
     memory format. Parameters: `weight` (C, 1, kH, kW), optional `bias` (C,), and the BatchNorm
     `bn` (a child module when built standalone; an unregistered reference to the
     `FoldedBatchNorm2d` in the parent's BN slot when built by `fastdw.convert`).
+    padding: None (k // 2 per side, dilation included), an int, (h, w), (top, left, bottom,
+    right), "valid", or "same": TensorFlow's SAME worked out per input size (timm's Conv2dSame).
     act: one of "none", "relu", "relu6", "hardswish", "silu".
     backend: passed to `fastdw.dwconv_bn_act` ("auto", "cuda", "triton", "cpu").
     """
@@ -187,7 +190,7 @@ class DWConvBNAct2d(nn.Module):
         self.channels = channels
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride)
-        self.padding = _pair(padding)
+        self.padding = _module_padding(padding)
         self.dilation = _pair(dilation)
         self.act = _check_act(act)
         self.backend = backend
@@ -318,7 +321,7 @@ class DWConvBNAct2d(nn.Module):
             weight, scale, shift = self._prepacked(key, scale, shift)
         return dwconv_bn_act(
             x, weight, scale, shift,
-            stride=self.stride, padding=self.padding, dilation=self.dilation,
+            stride=self.stride, padding=_input_padding(self, x), dilation=self.dilation,
             act=self.act, backend=self.backend,
         )
 
@@ -333,8 +336,10 @@ class DWConvBNAct2d(nn.Module):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         update = bn.training and bn.track_running_stats and bn.running_mean is not None
         N, C = x.shape[0], x.shape[1]
-        oh = conv_out_size(x.shape[2], self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0])
-        ow = conv_out_size(x.shape[3], self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1])
+        padding = _input_padding(self, x)
+        pt, pl, pb, pr = padding_ends(padding)
+        oh = conv_out_size(x.shape[2], self.kernel_size[0], self.stride[0], pt, self.dilation[0], pb)
+        ow = conv_out_size(x.shape[3], self.kernel_size[1], self.stride[1], pl, self.dilation[1], pr)
         count = N * oh * ow
         if count == 1:  # what F.batch_norm says, about the BatchNorm's input (the conv output)
             raise ValueError("Expected more than 1 value per channel when training, got input size "
@@ -345,7 +350,7 @@ class DWConvBNAct2d(nn.Module):
             gamma, beta, bias = (None if t is None else t.float() for t in lowp)
         y, mean, var = dwconv_bn_act_train(
             x, self.weight, bias, gamma, beta,
-            stride=self.stride, padding=self.padding, dilation=self.dilation,
+            stride=self.stride, padding=padding, dilation=self.dilation,
             eps=bn.eps, act=self.act, backend=self.backend,
         )
         if update and count > 0:
@@ -359,7 +364,7 @@ class DWConvBNAct2d(nn.Module):
     def extra_repr(self) -> str:
         s = (
             f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, act={self.act!r}, backend={self.backend!r}"
+            f"padding={self.padding!r}, dilation={self.dilation}, act={self.act!r}, backend={self.backend!r}"
         )
         if self.bias is not None:
             s += ", bias=True"
@@ -399,11 +404,29 @@ class DWConv2d(nn.Module):
         from .ops import dwconv_bn_act
 
         return dwconv_bn_act(_autocast_input(x), self.weight, None, self.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, act="none", backend=self.backend)
+                             padding=_input_padding(self, x), dilation=self.dilation, act="none",
+                             backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+        return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
                 f"dilation={self.dilation}, bias={self.bias is not None}, backend={self.backend!r}")
+
+
+def _module_padding(padding):
+    """A layer's padding: "same" (TensorFlow's SAME, worked out per input size: timm's
+    Conv2dSame), else the op's (h, w) or (top, left, bottom, right) tuple ("valid" is 0)."""
+    if padding == "same":
+        return "same"
+    if padding == "valid":
+        return (0, 0)
+    return padding_arg(padding)
+
+
+def _input_padding(layer: nn.Module, x: torch.Tensor):
+    """The op's padding of `layer` for input x."""
+    if layer.padding == "same":
+        return same_padding(x.shape[2:], layer.kernel_size, layer.stride, layer.dilation)
+    return layer.padding
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -418,11 +441,12 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 def conv_config(conv: nn.Module):
     """Fusion parameters of a depthwise conv as a dict, or a string saying why it cannot be fused.
 
-    Eligible: exactly `nn.Conv2d` (subclasses such as timm's Conv2dSame pad dynamically),
-    groups == in_channels == out_channels, padding_mode "zeros", integer padding or "valid",
-    or "same" with an odd effective kernel (symmetric padding).
+    Eligible: exactly `nn.Conv2d` (any padding: integers, "valid", "same", asymmetric for an even
+    effective kernel) or timm's `Conv2dSame` (TensorFlow's SAME, worked out per input size; other
+    subclasses may override forward), groups == in_channels == out_channels, padding_mode "zeros".
     """
-    if type(conv) is not nn.Conv2d:
+    same_dynamic = _qualname(type(conv)) == _TIMM_CONV_SAME
+    if type(conv) is not nn.Conv2d and not same_dynamic:
         return f"{type(conv).__name__} is not exactly nn.Conv2d"
     c = conv.in_channels
     if not (conv.groups == c == conv.out_channels):
@@ -433,17 +457,20 @@ def conv_config(conv: nn.Module):
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
     padding = conv.padding
-    if padding == "valid":
+    if same_dynamic:  # Conv2dSame pads in forward and hands F.conv2d its (0, 0)
+        if tuple(padding) != (0, 0):
+            return f"Conv2dSame with padding={padding} (it pads for SAME and again by its padding)"
+        padding = "same"
+    elif padding == "valid":
         padding = (0, 0)
-    elif padding == "same":
-        if any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
-            return "padding='same' with an even effective kernel pads asymmetrically"
-        padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    elif padding == "same":  # stride 1 (nn.Conv2d's rule): the odd pixel at the bottom / right
+        ends = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(conv.kernel_size, conv.dilation)]
+        padding = padding_arg((ends[0][0], ends[1][0], ends[0][1], ends[1][1]))
     return {
         "channels": c,
         "kernel_size": tuple(conv.kernel_size),
         "stride": tuple(conv.stride),
-        "padding": tuple(padding),
+        "padding": padding if padding == "same" else tuple(padding),
         "dilation": tuple(conv.dilation),
     }
 

@@ -36,7 +36,8 @@ def _dwconv_bn_act(x, weight, scale, shift, stride, padding, dilation, act: str)
     if not isinstance(C, int):
         raise ValueError("fastdw ONNX export: the channel count must be static")
     w = op.CastLike(weight, x)  # an fp32 weight with fp16 x (autocast)
-    y = op.Conv(x, w, strides=list(stride), pads=[padding[0], padding[1], padding[0], padding[1]],
+    pads = list(padding) if len(padding) == 4 else [padding[0], padding[1], padding[0], padding[1]]
+    y = op.Conv(x, w, strides=list(stride), pads=pads,  # ONNX order: top, left, bottom, right (the op's)
                 dilations=list(dilation), group=C)
     per_channel = op.Constant(value_ints=[1, C, 1, 1])
     if scale is not None:

@@ -19,12 +19,15 @@ from ._utils import (
     ACTIVATIONS,
     BACKENDS,
     IntOrPair,
+    Padding,
     check_args,
     check_channel_vectors,
     check_train_args,
     deterministic_requested,
     output_memory_format,
+    padding_arg,
     pair,
+    same_padding,
     stat_dtype,
 )
 
@@ -348,7 +351,7 @@ def dwconv_bn_act(
     scale: Optional[torch.Tensor] = None,
     shift: Optional[torch.Tensor] = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 1,
+    padding: Padding = 1,
     dilation: IntOrPair = 1,
     act: str = "relu6",
     backend: str = "auto",
@@ -363,7 +366,10 @@ def dwconv_bn_act(
         weight: (C, 1, kH, kW), x's dtype or float32 (what nn.Conv2d(C, C, k, groups=C) holds).
         scale, shift: optional (C,) float32 (or x's dtype): folded BatchNorm, see fastdw.fold_bn.
             None means scale 1, shift 0.
-        stride, padding, dilation: int or (h, w) pair.
+        stride, dilation: int or (h, w) pair.
+        padding: int, (h, w) pair (both sides), (top, left, bottom, right), "valid" (0) or
+            "same": TensorFlow's SAME for x's size at any stride (output ceil(H / stride), the
+            odd pixel padded at the bottom / right; PyTorch's padding="same" at stride 1).
         act: 'none', 'relu', 'relu6', 'hardswish' or 'silu'.
         backend: 'auto' (cuda where built, else triton on a GPU, cpu on the CPU; FASTDW_BACKEND
             overrides it), 'cuda', 'triton' or 'cpu'.
@@ -416,6 +422,21 @@ def prepack_params(
     return buf[:T].t().view(C, 1, KH, KW), buf[T], buf[T + 1]
 
 
+def _padding(padding, x, w, stride, dilation):
+    """The op's padding: (h, w), or (top, left, bottom, right) where asymmetric; "valid" is 0 and
+    "same" TensorFlow's SAME for this input's size (odd pixel at the bottom / right)."""
+    if not isinstance(padding, str):
+        return padding_arg(padding)
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if x.dim() != 4 or w.dim() != 4:  # the op names what is wrong with the shapes
+            return (0, 0)
+        return same_padding(x.shape[2:], w.shape[2:], stride, dilation)
+    raise ValueError("fastdw: padding must be an int, an (h, w) pair, (top, left, bottom, right), 'same' or "
+                     f"'valid'; got {padding!r}")
+
+
 def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
     """What both public functions do before calling an op: type and device checks the ops cannot
     make (they dispatch on x), (h, w) pairs, the backend, and x made contiguous when it is in
@@ -424,7 +445,8 @@ def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
         raise TypeError("fastdw: x and weight must be tensors")
     if act not in ACTIVATIONS:
         raise ValueError(f"fastdw: act must be one of 'none', 'relu', 'relu6', 'hardswish', 'silu'; got {act!r}")
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    padding = _padding(padding, x, w, stride, dilation)
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"fastdw: {name} must be on the same device as x ({x.device}); got {t.device}")
@@ -441,7 +463,7 @@ def dwconv_bn_act_train(
     gamma: Optional[torch.Tensor] = None,
     beta: Optional[torch.Tensor] = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 1,
+    padding: Padding = 1,
     dilation: IntOrPair = 1,
     eps: float = 1e-5,
     act: str = "relu6",

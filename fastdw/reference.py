@@ -12,7 +12,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import IntOrPair, pair
+from ._utils import IntOrPair, Padding, padding_arg, pair, same_padding
+
+
+def _conv(x, weight, bias, stride, padding, dilation):
+    """Depthwise F.conv2d under the op's padding rules (2 or 4 pads, "same", "valid"); asymmetric
+    pads as an explicit F.pad, as timm's Conv2dSame does."""
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        padding = same_padding(x.shape[2:], weight.shape[2:], stride, dilation)
+    else:
+        padding = padding_arg(padding)
+    if len(padding) == 4:
+        top, left, bottom, right = padding
+        x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
 
 _ACT_FNS = {
     "none": lambda u: u,
@@ -36,7 +52,7 @@ def dwconv_bn_act_ref(
     scale: Optional[torch.Tensor] = None,
     shift: Optional[torch.Tensor] = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 1,
+    padding: Padding = 1,
     dilation: IntOrPair = 1,
     act: str = "relu6",
     compute_dtype: Optional[torch.dtype] = torch.float32,
@@ -50,8 +66,7 @@ def dwconv_bn_act_ref(
     if x.dtype == torch.float64:
         cd = torch.float64
     C = x.shape[1]
-    z = F.conv2d(x.to(cd), weight.to(cd), None, pair(stride, "stride"), pair(padding, "padding"),
-                 pair(dilation, "dilation"), groups=C)
+    z = _conv(x.to(cd), weight.to(cd), None, stride, padding, dilation)
     if scale is not None:
         z = z * scale.to(cd).view(1, C, 1, 1)
     if shift is not None:
@@ -74,7 +89,7 @@ def dwconv_bn_act_train_ref(
     gamma: Optional[torch.Tensor] = None,
     beta: Optional[torch.Tensor] = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 1,
+    padding: Padding = 1,
     dilation: IntOrPair = 1,
     eps: float = 1e-5,
     act: str = "relu6",
@@ -87,8 +102,7 @@ def dwconv_bn_act_train_ref(
     if x.dtype == torch.float64:
         cd = torch.float64
     C = x.shape[1]
-    z = F.conv2d(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd), pair(stride, "stride"),
-                 pair(padding, "padding"), pair(dilation, "dilation"), groups=C)
+    z = _conv(x.to(cd), weight.to(cd), None if bias is None else bias.to(cd), stride, padding, dilation)
     mean = z.mean(dim=(0, 2, 3))
     var = z.var(dim=(0, 2, 3), unbiased=False)
     u = (z - mean.view(1, C, 1, 1)) * torch.rsqrt(var + eps).view(1, C, 1, 1)

@@ -66,6 +66,9 @@ CASES = {
     "dilation_0_w": (_set(dilation=(2, 0)), ValueError, r"dilation must be >= 1"),
     "padding_negative": (_set(padding=-1), ValueError, r"padding must be >= 0"),
     "padding_negative_w": (_set(padding=(0, -2)), ValueError, r"padding must be >= 0"),
+    "padding_negative_bottom": (_set(padding=(0, 0, -1, 0)), ValueError, r"padding must be >= 0"),
+    "padding_3_elements": (_set(padding=(1, 1, 1)), ValueError,
+                           r"padding must have 2 elements \(h, w\) or 4 \(top, left, bottom, right\)"),
     "stride_3_elements": (_set(stride=(1, 1, 1)), ValueError, r"stride must have 2 elements"),
     # scale / shift shapes
     "scale_too_long": (_set(scale=lambda: torch.rand(C + 1)), ValueError, r"scale must be a 1-D tensor of C = 3"),
@@ -123,7 +126,10 @@ PUBLIC_CASES = {
     "x_not_tensor": (_set(x=lambda: [[[[1.0]]]]), TypeError, r"x and weight must be tensors"),
     "weight_not_tensor": (_set(weight=lambda: 1.0), TypeError, r"x and weight must be tensors"),
     "stride_bool": (_set(stride=True), TypeError, r"stride must be an int or a pair of ints"),
-    "padding_str": (_set(padding="same"), (TypeError, ValueError), r"padding must "),
+    "padding_str_unknown": (_set(padding="full"), ValueError, r"padding must be an int, an \(h, w\) pair, "
+                                                             r"\(top, left, bottom, right\), 'same' or 'valid'"),
+    "padding_float": (_set(padding=1.5), TypeError, r"padding must be an int, an \(h, w\) pair or \(top, left, "
+                                                    r"bottom, right\)"),
 }
 
 

@@ -46,13 +46,14 @@ def _count_fused(model):
 
 
 def _count_dw(model):
-    """(all depthwise convs, those that are exactly nn.Conv2d)."""
+    """(all depthwise convs, those that are exactly nn.Conv2d or timm's Conv2dSame)."""
     dw = [
         m
         for m in model.modules()
         if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
     ]
-    return len(dw), sum(type(m) is nn.Conv2d for m in dw)
+    same = "timm.layers.conv2d_same.Conv2dSame"
+    return len(dw), sum(type(m) is nn.Conv2d or f"{type(m).__module__}.{type(m).__qualname__}" == same for m in dw)
 
 
 def _assert_close(out, ref, what="", rtol=1e-5):
@@ -272,6 +273,7 @@ MODELS = {
     "timm_efficientnet_b0": _timm("efficientnet_b0"),
     "timm_mobilenetv2_100": _timm("mobilenetv2_100"),
     "timm_tf_efficientnet_b0": _timm("tf_efficientnet_b0"),  # stride-2 dw convs are Conv2dSame
+    "timm_tf_mobilenetv3_large_100": _timm("tf_mobilenetv3_large_100"),  # Conv2dSame, hard-swish
     "timm_mobilenetv4_conv_small": _timm("mobilenetv4_conv_small"),  # UIR blocks via ConvNormAct
     "timm_xception41": _timm("xception41"),  # aligned Xception: SeparableConv2d conv_dw -> bn_dw -> act_dw
     "timm_ghostnet_100": _timm("ghostnet_100"),  # GhostBottleneck conv_dw -> bn_dw
@@ -281,9 +283,7 @@ MODELS = {
     "timm_mixnet_s": _timm("mixnet_s"),  # the MixedConv2d branches bare
 }
 # The depthwise convs a network keeps as stock after convert, by the reason conversion_report gives.
-LEFT_REASONS = {
-    "timm_tf_efficientnet_b0": ("Conv2dSame is not exactly nn.Conv2d",),  # stride-2 "same" padding
-}
+LEFT_REASONS = {}  # (none today: timm's Conv2dSame of the tf_ models fuses with its "same" padding)
 # The depthwise convs with no BatchNorm after them, through the op bare (DWConv2d).
 BARE = {"timm_efficientvit_b0": 10, "tv_convnext_tiny": 18, "timm_legacy_xception": 34, "timm_mixnet_s": 40}
 
@@ -488,8 +488,6 @@ def _seq(conv, norm, act):
                                   nn.BatchNorm2d(8), nn.ReLU()), id="reflect"),
         pytest.param(lambda: _seq(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GroupNorm(2, 8), nn.ReLU()),
                      id="groupnorm"),
-        pytest.param(lambda: _seq(nn.Conv2d(8, 8, 4, padding="same", groups=8), nn.BatchNorm2d(8), nn.ReLU()),
-                     id="same_even_kernel"),
         pytest.param(lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.BatchNorm2d(8)),
                      id="act_before_bn"),
     ],
@@ -633,7 +631,7 @@ def test_conversion_report_reasons(capsys):
     assert convert(model, verbose=True, bare=False) is model
     printed = capsys.readouterr().out
     rep = fastdw.conversion_report(model)
-    assert rep.fused == [("0.0", "3x3 stride (1, 1) dilation (1, 1), BatchNorm + relu6")]
+    assert rep.fused == [("0.0", "3x3 stride (1, 1) padding (1, 1) dilation (1, 1), BatchNorm + relu6")]
     why = dict(rep.left)
     assert why["1.0"] == "padding_mode='reflect' (only 'zeros' is supported)"
     assert why["2.0"].startswith("not depthwise with channel multiplier 1")
@@ -648,7 +646,7 @@ def test_conversion_report_reasons(capsys):
     convert(model)
     rep = fastdw.conversion_report(model)
     assert [n for n, _ in rep.bare] == ["3.0", "4.1", "5.dw"] and [n for n, _ in rep.left] == ["1.0", "2.0"]
-    assert rep.bare[0][1] == "3x3 stride (1, 1) dilation (1, 1), bias, no BatchNorm"
+    assert rep.bare[0][1] == "3x3 stride (1, 1) padding (1, 1) dilation (1, 1), bias, no BatchNorm"
     with torch.no_grad():
         _assert_close(model(x), ref)
     revert(model)

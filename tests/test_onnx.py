@@ -71,6 +71,25 @@ def test_onnx_export_function_and_functional_op():
         fastdw.onnx_export(m, (x,), dynamo=False)
 
 
+def test_conv2d_same_block_exports():
+    """timm's Conv2dSame (TF "same": pads (0, 0, 1, 1) at stride 2 on an even input) through
+    the fused op, exported as one ONNX Conv with asymmetric pads."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    stock = nn.Sequential(timm_layers.Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU6())
+    stock = randomize_bn(stock, 1, spread=0.3).eval()
+    fused = fastdw.convert(copy.deepcopy(stock))
+    assert isinstance(fused[0], fastdw.DWConvBNAct2d) and fused[0].padding == "same"
+    x = torch.randn(1, 8, 12, 10)
+    prog = torch.onnx.export(fused, (x,), dynamo=True, verbose=False)
+    convs = [n for n in prog.model_proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1 and [list(a.ints) for a in convs[0].attribute if a.name == "pads"] == [[0, 0, 1, 1]]
+    with torch.no_grad():
+        want = stock(x)
+    assert _rel(_run(prog.model_proto, x), want) < 1e-5
+
+
 def test_converted_mobilenet_v2_runs_in_onnxruntime(tmp_path):
     torch.manual_seed(0)
     stock = randomize_bn(torchvision.models.mobilenet_v2(weights=None), 2, spread=0.2).eval()
