@@ -40,7 +40,7 @@ test: $(VENV)/.testdeps build
 	$(PY) -m pytest $(wildcard bench/bench_*.py) -q -p no:cacheprovider --benchmark-disable
 
 bench-cpu: $(VENV)/.testdeps build
-	$(PY) -m pytest bench/bench_cpu.py -q -p no:cacheprovider
+	$(PY) bench/cpu_compare.py --out cpu.json
 
 clean:
 	rm -rf build $(VENV) fastdw/_C*.so *.egg-info

@@ -10,26 +10,14 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import fastdw
 from fastdw.layers import MOBILENET_V2
 
+from cpu_compare import stock_block  # bench/ is on sys.path when pytest collects this file
+
 N = int(os.environ.get("FASTDW_BENCH_N", "8"))
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
-
-
-def _block(L, memory_format):
-    blk = nn.Sequential(nn.Conv2d(L.C, L.C, L.k, L.stride, L.padding, groups=L.C, bias=False),
-                        nn.BatchNorm2d(L.C), nn.ReLU6())
-    g = torch.Generator().manual_seed(L.index)
-    with torch.no_grad():
-        bn = blk[1]
-        bn.weight.copy_(torch.rand(L.C, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(L.C, generator=g) * 0.1)
-        bn.running_mean.copy_(torch.randn(L.C, generator=g) * 0.1)
-        bn.running_var.copy_(torch.rand(L.C, generator=g) + 0.5)
-    return blk.eval().to(memory_format=memory_format)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -38,7 +26,7 @@ def _block(L, memory_format):
 def test_inference(benchmark, smoke, layer, provider, layout):
     L, mf = layer, LAYOUTS[layout]
     n = 1 if smoke else N
-    blk = _block(L, mf)
+    blk = stock_block(L, mf)
     x = torch.randn(n, L.C, L.H, L.W).to(memory_format=mf)
     scale, shift = fastdw.fold_bn(blk[1])
     w = blk[0].weight.detach()
@@ -60,7 +48,7 @@ def test_backward(benchmark, smoke, layer, provider, layout):
     """dx, dweight, dgamma, dbeta of the eval-mode block (BN folded for fastdw), given dy."""
     L, mf = layer, LAYOUTS[layout]
     n = 1 if smoke else N
-    blk = _block(L, mf)
+    blk = stock_block(L, mf)
     x = torch.randn(n, L.C, L.H, L.W).to(memory_format=mf).requires_grad_(True)
     params = [x, blk[0].weight, blk[1].weight, blk[1].bias]
 

@@ -192,3 +192,53 @@ def test_grad_err_allows_kink_flips_not_wrong_kernels():
     wrong_channel = ref.clone()
     wrong_channel[0, 5] = 0  # a whole channel wrong: caught
     assert fb.grad_err(wrong_channel, ref) > 0.1
+
+
+def _cpu_compare():
+    spec = importlib.util.spec_from_file_location("fastdw_cpu_compare", ROOT / "bench" / "cpu_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_compare_times_and_report(tmp_path, capsys):
+    """One small layer, both modes: the cases are checked against stock, interleaved rounds stop
+    at the interval or the round cap, and the report's sums and ratios come from the samples."""
+    cc = _cpu_compare()
+    out = tmp_path / "cpu.json"
+    cc.main(["--layers", "15", "--batch", "1", "--layouts", "channels_last", "--no-callgrind", "--min-rounds", "5",
+             "--max-rounds", "10", "--sample-ms", "1", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["kind"] == "fastdw-cpu-compare" and set(data["cases"]) == {
+        "forward/channels_last/N1/L15", "backward/channels_last/N1/L15"}
+    for r in data["cases"].values():
+        t = r["time"]
+        assert 5 <= t["rounds"] <= 10 and t["ci95"][0] <= t["speedup"] <= t["ci95"][1]
+        assert t["speedup"] == pytest.approx(t["torch_ms"] / t["fastdw_ms"])
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- cpu:begin -->\nold\n<!-- cpu:end -->\ntail\n")
+    capsys.readouterr()
+    cc.main(["--report", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("head\n<!-- cpu:begin -->\nfp32, 1 threads") and text.endswith("<!-- cpu:end -->\ntail\n")
+    assert "old" not in text and "| forward | channels_last | 1 |" in text and "L15 " in capsys.readouterr().out
+
+
+def test_cpu_compare_rejects_other_files(tmp_path):
+    cc = _cpu_compare()
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit, match="is not a cpu_compare results file"):
+        cc.main(["--report", str(bad)])
+    with pytest.raises(SystemExit):
+        cc.main(["--batch", "0", "--no-callgrind"])
+
+
+def test_cpu_compare_callgrind_totals(tmp_path):
+    """The instruction total of a callgrind dump file (its 'totals:' or 'summary:' line)."""
+    cc = _cpu_compare()
+    f = tmp_path / "cg.out.1"
+    f.write_text("version: 1\nevents: Ir\nfn=(1) f\n0 5\ntotals: 12345\n")
+    assert cc._dump_total(str(f)) == 12345
+    f.write_text("events: Ir\nsummary: 77\n")
+    assert cc._dump_total(str(f)) == 77
