@@ -197,7 +197,9 @@ def callgrind_counts(args):
         if args.layers:
             cmd += ["--layers", *map(str, args.layers)]
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="passive")
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        run = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"cpu_compare: the callgrind run failed ({run.returncode}):\n{run.stderr[-3000:]}")
         child = json.load(open(order_file))
         order = child["order"]
         dumps = sorted(glob.glob(out + ".*"), key=lambda p: int(p.rsplit(".", 1)[1]))
@@ -206,7 +208,10 @@ def callgrind_counts(args):
         res = {}
         for name, path in zip(order, dumps):
             key, prov = name.rsplit("/", 1)
-            res.setdefault(key, {})[prov] = _dump_total(path) / args.reps
+            total = _dump_total(path)
+            if total <= 0:
+                raise SystemExit(f"cpu_compare: no instruction total in {path}")
+            res.setdefault(key, {})[prov] = total / args.reps
         return res, {"isa": child["isa"], "torch_isa": child["torch_isa"]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,8 +307,10 @@ def main(argv=None):
         return
     if args.callgrind_child:
         return _callgrind_child(args)
-    if any(n < 1 for n in args.batch) or args.threads < 1 or not 0 < args.tol < 1:
-        p.error("--batch and --threads must be >= 1 and --tol in (0, 1)")
+    if any(n < 1 for n in args.batch) or min(args.threads, args.reps, args.min_rounds) < 1 or not 0 < args.tol < 1:
+        p.error("--batch, --threads, --reps and --min-rounds must be >= 1 and --tol in (0, 1)")
+    if args.max_rounds < args.min_rounds or not args.sample_ms > 0:
+        p.error("--max-rounds must be >= --min-rounds and --sample-ms > 0")
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"

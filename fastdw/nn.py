@@ -457,9 +457,7 @@ def conv_config(conv: nn.Module):
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
     padding = conv.padding
-    if same_dynamic:  # Conv2dSame pads in forward and hands F.conv2d its (0, 0)
-        if tuple(padding) != (0, 0):
-            return f"Conv2dSame with padding={padding} (it pads for SAME and again by its padding)"
+    if same_dynamic:  # Conv2dSame pads for SAME in forward and hands F.conv2d (0, 0), whatever its padding
         padding = "same"
     elif padding == "valid":
         padding = (0, 0)
