@@ -96,6 +96,22 @@ def same_padding(size: Sequence[int], kernel: Sequence[int], stride: Sequence[in
     return padding_arg((t, l, b, r))
 
 
+def resolve_padding(padding, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                    dilation: Sequence[int]) -> Tuple[int, ...]:
+    """The op's padding for input x: (h, w), or (top, left, bottom, right) where asymmetric;
+    "valid" is 0 and "same" TensorFlow's SAME for x's size (odd pixel at the bottom / right)."""
+    if not isinstance(padding, str):
+        return padding_arg(padding)
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if x.dim() != 4 or weight.dim() != 4:  # the op names what is wrong with the shapes
+            return (0, 0)
+        return same_padding(x.shape[2:], weight.shape[2:], stride, dilation)
+    raise ValueError("fastdw: padding must be an int, an (h, w) pair, (top, left, bottom, right), 'same' or "
+                     f"'valid'; got {padding!r}")
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout rule, mirrored from csrc/dwconv_bn_act_host.h (use_channels_last).
 

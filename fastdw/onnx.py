@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict
 
 import torch
 
+from ._utils import padding_ends
+
 __all__ = ["onnx_export", "translation_table", "registered"]
 
 _TORCHLIB_REGISTRY = "torch.onnx._internal.exporter._torchlib._torchlib_registry"
@@ -36,8 +38,7 @@ def _dwconv_bn_act(x, weight, scale, shift, stride, padding, dilation, act: str)
     if not isinstance(C, int):
         raise ValueError("fastdw ONNX export: the channel count must be static")
     w = op.CastLike(weight, x)  # an fp32 weight with fp16 x (autocast)
-    pads = list(padding) if len(padding) == 4 else [padding[0], padding[1], padding[0], padding[1]]
-    y = op.Conv(x, w, strides=list(stride), pads=pads,  # ONNX order: top, left, bottom, right (the op's)
+    y = op.Conv(x, w, strides=list(stride), pads=list(padding_ends(padding)),  # ONNX's order: the op's 4-tuple
                 dilations=list(dilation), group=C)
     per_channel = op.Constant(value_ints=[1, C, 1, 1])
     if scale is not None:

@@ -25,9 +25,8 @@ from ._utils import (
     check_train_args,
     deterministic_requested,
     output_memory_format,
-    padding_arg,
     pair,
-    same_padding,
+    resolve_padding,
     stat_dtype,
 )
 
@@ -422,21 +421,6 @@ def prepack_params(
     return buf[:T].t().view(C, 1, KH, KW), buf[T], buf[T + 1]
 
 
-def _padding(padding, x, w, stride, dilation):
-    """The op's padding: (h, w), or (top, left, bottom, right) where asymmetric; "valid" is 0 and
-    "same" TensorFlow's SAME for this input's size (odd pixel at the bottom / right)."""
-    if not isinstance(padding, str):
-        return padding_arg(padding)
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        if x.dim() != 4 or w.dim() != 4:  # the op names what is wrong with the shapes
-            return (0, 0)
-        return same_padding(x.shape[2:], w.shape[2:], stride, dilation)
-    raise ValueError("fastdw: padding must be an int, an (h, w) pair, (top, left, bottom, right), 'same' or "
-                     f"'valid'; got {padding!r}")
-
-
 def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
     """What both public functions do before calling an op: type and device checks the ops cannot
     make (they dispatch on x), (h, w) pairs, the backend, and x made contiguous when it is in
@@ -446,7 +430,7 @@ def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
     if act not in ACTIVATIONS:
         raise ValueError(f"fastdw: act must be one of 'none', 'relu', 'relu6', 'hardswish', 'silu'; got {act!r}")
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    padding = _padding(padding, x, w, stride, dilation)
+    padding = resolve_padding(padding, x, w, stride, dilation)
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"fastdw: {name} must be on the same device as x ({x.device}); got {t.device}")

@@ -12,19 +12,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._utils import IntOrPair, Padding, padding_arg, pair, same_padding
+from ._utils import IntOrPair, Padding, pair, resolve_padding
 
 
 def _conv(x, weight, bias, stride, padding, dilation):
     """Depthwise F.conv2d under the op's padding rules (2 or 4 pads, "same", "valid"); asymmetric
     pads as an explicit F.pad, as timm's Conv2dSame does."""
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
-    if padding == "valid":
-        padding = (0, 0)
-    elif padding == "same":
-        padding = same_padding(x.shape[2:], weight.shape[2:], stride, dilation)
-    else:
-        padding = padding_arg(padding)
+    padding = resolve_padding(padding, x, weight, stride, dilation)
     if len(padding) == 4:
         top, left, bottom, right = padding
         x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
