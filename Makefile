@@ -16,7 +16,7 @@ TEST_DEPS := pytest pytest-benchmark timm expecttest matplotlib onnx onnxscript 
 export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test build clean bench-cpu
+.PHONY: demo test build clean bench-cpu bench-host
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ test: $(VENV)/.testdeps build
 
 bench-cpu: $(VENV)/.testdeps build
 	$(PY) bench/cpu_compare.py --out cpu.json
+
+bench-host: $(VENV)/.testdeps build
+	$(PY) bench/host_overhead.py
 
 clean:
 	rm -rf build $(VENV) fastdw/_C*.so *.egg-info

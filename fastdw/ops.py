@@ -1,10 +1,10 @@
-"""The functional contract: `fastdw.dwconv_bn_act`, its fake kernels and autograd.
+"""The functional contract: `fastdw.dwconv_bn_act` and the backend that serves it.
 
 The schemas live in csrc/fastdw.cpp (TORCH_LIBRARY(fastdw)); the CPU kernel registers in
 csrc/dwconv_bn_act_cpu.cpp, the CUDA kernels in csrc/*.cu, the Triton kernels in
-fastdw/triton/. This file adds what the C++ side does not: fake (meta) kernels with the same
-shapes, dtypes and strides as the real ones, autograd, and the public function that picks a
-backend.
+fastdw/triton/. This file registers for the C++ ops what their C++ side does not (the fake
+kernels and autograd of fastdw/_autograd.py, shared with the Triton ops) and holds the public
+functions that pick a backend.
 """
 from __future__ import annotations
 
@@ -15,19 +15,18 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._utils import (
-    ACTIVATIONS,
-    BACKENDS,
-    IntOrPair,
-    Padding,
-    check_args,
-    check_channel_vectors,
-    check_train_args,
-    deterministic_requested,
-    output_memory_format,
-    pair,
-    resolve_padding,
-    stat_dtype,
+from ._utils import ACTIVATIONS, BACKENDS, IntOrPair, Padding, pair, resolve_padding
+from ._autograd import (  # noqa: F401 -- re-exported: fastdw.ops.fake_forward etc. stay importable
+    double_backward,
+    fake_backward,
+    fake_forward,
+    fake_train_backward,
+    fake_train_forward,
+    make_backward,
+    make_train_backward,
+    no_setup_context,
+    setup_context,
+    setup_train_context,
 )
 
 __all__ = ["dwconv_bn_act", "dwconv_bn_act_train", "available_backends", "resolve_backend"]
@@ -42,122 +41,6 @@ def _has_ops() -> bool:
 
 
 HAS_OPS = _has_ops()
-
-
-# ------------------------------------------------------------------------------------------
-# Fake kernels and autograd, shared by the C++ ops (registered here when _C is loaded) and the
-# Triton ops (fastdw/triton/dwconv_bn_act.py).
-
-def _empty0(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty((0,), dtype=dtype, device=like.device)
-
-
-def _grad_dtype(t: Optional[torch.Tensor]) -> torch.dtype:
-    return t.dtype if t is not None else torch.float32
-
-
-def fake_forward(x, weight, scale, shift, stride, padding, dilation, act):
-    """The forward's output metadata (shape, dtype, layout rule), after the argument checks."""
-    oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
-    return torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
-                       memory_format=output_memory_format(x))
-
-
-def fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
-    """The backward's four outputs: empty (0,) tensors where output_mask (or a None input) says none."""
-    check_args(x, weight, scale, shift, stride, padding, dilation, act)
-    dx = (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-          if output_mask[0] else _empty0(x, x.dtype))
-    dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] \
-        else _empty0(x, weight.dtype)
-    ds = torch.empty_like(scale, memory_format=torch.contiguous_format) \
-        if (output_mask[2] and scale is not None) else _empty0(x, _grad_dtype(scale))
-    db = torch.empty_like(shift, memory_format=torch.contiguous_format) \
-        if (output_mask[3] and shift is not None) else _empty0(x, _grad_dtype(shift))
-    return dx, dw, ds, db
-
-
-def setup_context(ctx, inputs, output):
-    """Autograd of a forward op: save only the inputs (the backward recomputes the pre-activation)."""
-    x, weight, scale, shift, stride, padding, dilation, act = inputs
-    ctx.conf = (stride, padding, dilation, act)
-    ctx.save_for_backward(x, weight, scale, shift)
-
-
-def make_backward(bwd_op):
-    """The autograd backward of a forward op whose backward op is `bwd_op` (C++ or Triton)."""
-    def backward(ctx, grad):
-        x, weight, scale, shift = ctx.saved_tensors
-        stride, padding, dilation, act = ctx.conf
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2] and scale is not None, need[3] and shift is not None]
-        if not any(mask):
-            return (None,) * 8
-        dx, dw, ds, db = bwd_op(grad, x, weight, scale, shift, stride, padding, dilation, act, mask,
-                                deterministic_requested())
-        return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
-                db if mask[3] else None, None, None, None, None)
-    return backward
-
-
-def double_backward(ctx, *grads):
-    raise RuntimeError("fastdw: double backward of dwconv_bn_act is not supported "
-                       "(create_graph=True through the fused op)")
-
-
-def no_setup_context(ctx, inputs, output):
-    pass
-
-
-# The training op (batch-statistics BatchNorm): (y, mean + bias, var) and its backward.
-
-def fake_train_forward(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
-    oh, ow = check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
-    C = x.shape[1]
-    y = torch.empty((x.shape[0], C, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-    sd = stat_dtype(x)
-    return y, torch.empty((C,), dtype=sd, device=x.device), torch.empty((C,), dtype=sd, device=x.device)
-
-
-def fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation,
-                        eps, act, output_mask, deterministic):
-    check_train_args(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)
-    check_channel_vectors(x, mean=mean, var=var, grad_mean=grad_mean, grad_var=grad_var)
-    dx, dw, dg, db = fake_backward(grad_y, x, weight, gamma, beta, stride, padding, dilation, "none", output_mask,
-                                   deterministic)
-    return dx, dw, dg, db
-
-
-def setup_train_context(ctx, inputs, output):
-    """Saves x, the parameters and the batch statistics (the backward recomputes z)."""
-    x, weight, bias, gamma, beta, stride, padding, dilation, eps, act = inputs
-    _, mean, var = output
-    ctx.conf = (stride, padding, dilation, eps, act)
-    ctx.save_for_backward(x, weight, bias, gamma, beta, mean, var)
-
-
-def make_train_backward(bwd_op):
-    """Autograd backward of a training forward op whose backward op is `bwd_op`. The gradient of
-    the conv bias is the mean output's gradient (BatchNorm cancels the bias in y)."""
-    def backward(ctx, grad_y, grad_mean, grad_var):
-        x, weight, bias, gamma, beta, mean, var = ctx.saved_tensors
-        stride, padding, dilation, eps, act = ctx.conf
-        need = ctx.needs_input_grad
-        dbias = None
-        if need[2] and bias is not None:
-            dbias = grad_mean.to(bias.dtype) if grad_mean is not None else torch.zeros_like(bias)
-        mask = [need[0], need[1], need[3] and gamma is not None, need[4] and beta is not None]
-        if not any(mask):
-            return None, None, dbias, None, None, None, None, None, None, None
-        if grad_y is None:  # only mean / var were used
-            y = fake_train_forward(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)[0]
-            grad_y = torch.zeros_like(y)
-        center = mean - bias.to(mean.dtype) if bias is not None else mean
-        dx, dw, dg, db = bwd_op(grad_y, grad_mean, grad_var, x, weight, gamma, beta, center, var, stride, padding,
-                                dilation, eps, act, mask, deterministic_requested())
-        return (dx if mask[0] else None, dw if mask[1] else None, dbias, dg if mask[2] else None,
-                db if mask[3] else None, None, None, None, None, None)
-    return backward
 
 
 if HAS_OPS:
@@ -380,11 +263,62 @@ def dwconv_bn_act(
     stride, padding, dilation, b, x = _prepare(x, weight, act, stride, padding, dilation, backend,
                                                weight=weight, scale=scale, shift=shift)
     if b == "triton":
+        direct = _eager_direct(x, weight, scale, shift)
+        if direct:
+            args = (x, weight, scale, shift, list(stride), list(padding), list(dilation), act)
+            return _TRITON_MODULE[0].dwconv_bn_act_fwd(*args) if direct == 1 else _TritonEager.apply(*args)
         return torch.ops.fastdw.dwconv_bn_act_triton(x, weight, scale, shift, list(stride), list(padding),
                                                      list(dilation), act)
     if not HAS_OPS:
         raise _missing_ext_error()
     return _fwd_op(x, weight, scale, shift, stride, padding, dilation, act)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_direct(x, *tensors) -> int:
+    """Whether a Triton forward may skip the op dispatch around its launcher (which costs more
+    host time than the launcher itself): 0 no; 1 call the launcher (no autograd graph to record);
+    2 call it through _TritonEager (an autograd.Function: the same autograd as the op's, for a
+    fraction of its host time). Only for an eager call on plain, non-meta tensors with no
+    tracing, dispatch or function mode, functorch transform or profiler active: nothing that the
+    op's registration (fake kernel, the op's name in a trace or profile) would serve. The launcher
+    is what the op runs: the results are the same tensors."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return 0
+    grad = torch.is_grad_enabled()
+    out = 1
+    for t in (x, *tensors):
+        if t is not None:
+            if type(t) not in _PLAIN:
+                return 0
+            if grad and t.requires_grad:
+                out = 2
+    if (x.is_meta or torch._C._len_torch_dispatch_stack() != 0 or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd._profiler_enabled()):
+        return 0
+    return out
+
+
+def _triton_bwd_eager(*args):
+    T = _TRITON_MODULE[0]
+    if torch.is_grad_enabled():  # create_graph=True: the op, whose own autograd refuses a double backward
+        return T.BWD_OP(*args)
+    return T.dwconv_bn_act_bwd(*args)
+
+
+class _TritonEager(torch.autograd.Function):
+    """The Triton forward op's autograd (setup_context and make_backward of fastdw/_autograd.py)
+    around its launchers, for eager calls that record a graph (see _eager_direct)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # (the ctx-first form: a separate setup_context costs ~12 us more per call)
+        y = _TRITON_MODULE[0].dwconv_bn_act_fwd(*inputs)
+        setup_context(ctx, inputs, y)
+        return y
+
+    backward = staticmethod(make_backward(_triton_bwd_eager))
 
 
 def prepack_params(

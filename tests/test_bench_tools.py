@@ -242,3 +242,19 @@ def test_cpu_compare_callgrind_totals(tmp_path):
     assert cc._dump_total(str(f)) == 12345
     f.write_text("events: Ir\nsummary: 77\n")
     assert cc._dump_total(str(f)) == 77
+
+
+def test_host_overhead_script(tmp_path):
+    """bench/host_overhead.py runs and reports a positive host time for every case and layer (the
+    numbers themselves are a benchmark, not checked)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "host.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--calls", "50", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 3
+    for row in data["rows"]:
+        assert set(row) == {"layer", "launcher", "op", "public", "public_grad", "backward"}
+        assert all(v > 0 for k, v in row.items() if k != "layer")
+    assert "| layer | launcher |" in r.stdout

@@ -452,3 +452,259 @@ def test_kernels_compile_for_sm80_sm90():
     # per call and arch: forward, gu, dx (inference); statistics, centred forward, gu sums, gu dz
     # (training; its dx is the inference one)
     assert "0 failures" in r.stdout and "28 kernel variants compiled" in r.stdout, r.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------
+# Host side: memoized checks, the direct eager path, config pinning, the device guard
+
+
+class _Recorder:
+    """Stands in for T._launch: records which kernel object each launch used and runs it."""
+
+    def __init__(self, orig):
+        self.orig, self.kernels = orig, []
+
+    def __call__(self, kernel):
+        self.kernels.append(kernel)
+        return self.orig(kernel)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checks_memoized(device, monkeypatch):
+    """A repeated call with the same argument metadata skips the ~40 argument checks; a new shape,
+    dtype or layout checks again; a call that fails its checks fails every time (never memoized)."""
+    calls = []
+    real = T.check_args
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(T, "check_args", counting)
+    monkeypatch.setattr(T, "_MEMO", {})
+    x, w, s, b = make_inputs(1, 4, 6, 5, 3, device=device, layout="channels_last")
+    y0 = T.dwconv_bn_act_fwd(x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6")
+    for _ in range(3):
+        assert torch.equal(T.dwconv_bn_act_fwd(x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6"), y0)
+    assert len(calls) == 1
+    x2 = x.contiguous()  # new strides: checked again, same numbers
+    torch.testing.assert_close(T.dwconv_bn_act_fwd(x2, w, s, b, [1, 1], [1, 1], [1, 1], "relu6"), y0)
+    T.dwconv_bn_act_fwd(x, w, s, b, [2, 2], [1, 1], [1, 1], "relu6")  # new stride argument
+    assert len(calls) == 3
+    for _ in range(2):
+        with pytest.raises(ValueError, match="act must be one of"):
+            T.dwconv_bn_act_fwd(x, w, s, b, [1, 1], [1, 1], [1, 1], "gelu")
+        with pytest.raises(ValueError, match=r"must be a 1-D tensor of C = 4"):
+            T.dwconv_bn_act_fwd(x, w, s[:3], b, [1, 1], [1, 1], [1, 1], "relu6")
+    assert len(calls) == 7
+    g = torch.randn_like(y0)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="grad_out must have the output's shape"):
+            T.dwconv_bn_act_bwd(g[:, :, :3], x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, False)
+
+
+@requires_interp
+def test_eager_direct_path(monkeypatch):
+    """The public function skips the op dispatch exactly when nothing needs the op (tracing, a
+    mode, a transform, the profiler): the launcher alone without an autograd graph, through an
+    autograd.Function with one; same bits and gradients as the op, and the op's refusal of a
+    double backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w, s, b = make_inputs(1, 4, 6, 5, 3, device="cpu", layout="channels_last")
+    direct = fastdw.ops._eager_direct
+    assert direct(x, w, s, b) == 1 and direct(x, w, None, None) == 1
+    assert direct(x.clone().requires_grad_(), w, s, b) == 2
+    with torch.no_grad():
+        assert direct(x.clone().requires_grad_(), w, s, b) == 1
+    assert direct(x, torch.nn.Parameter(w), s, b) == 2  # a weight that wants a gradient
+    assert direct(x.to("meta"), w.to("meta"), None, None) == 0
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert direct(x, w, s, b) == 0
+    with torch.profiler.profile():
+        assert direct(x, w, s, b) == 0
+    assert torch.func.vmap(lambda xx: torch.tensor(direct(xx, w, s, b)))(x[None]).item() == 0
+
+    ran = []
+    real = T.dwconv_bn_act_fwd
+    monkeypatch.setattr(T, "dwconv_bn_act_fwd", lambda *a: ran.append(1) or real(*a))
+    y_direct = _fwd(x, w, s, b, act="hardswish")
+    assert ran == [1] and y_direct.grad_fn is None
+    assert torch.equal(y_direct, OP(x, w, s, b, [1, 1], [1, 1], [1, 1], "hardswish"))
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, s, b)]
+    y = _fwd(*leaves, act="hardswish")
+    assert ran == [1, 1] and type(y.grad_fn).__name__.startswith("_TritonEager")
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, gy)
+    leaves_op = [t.clone().requires_grad_() for t in (x, w, s, b)]
+    y_op = OP(*leaves_op, [1, 1], [1, 1], [1, 1], "hardswish")
+    assert torch.equal(y, y_op)
+    for name, a, c in zip(NAMES, grads, torch.autograd.grad(y_op, leaves_op, gy)):
+        assert torch.equal(a, c), name
+    # only x wants a gradient: the others come back None, as through the op
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(_fwd(xg, w, s, b, act="hardswish"), [xg], gy)
+    torch.testing.assert_close(gx, grads[0], rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(_fwd(xg, w, s, b, act="hardswish").square().sum(), [xg], create_graph=True)
+    with pytest.raises(RuntimeError, match="fastdw: double backward"):
+        gx.sum().backward()
+
+
+def _fake_tables(monkeypatch):
+    """Give every kernel table a distinct pinned table (as on a GPU with autotuning on): returns
+    {table name: (tuned, pinned)}. Both launch the same kernel here (one config under the
+    interpreter); what the test sees is which object the launcher chose."""
+    out = {}
+    pinned_all = dict(T._PINNED)
+    for name in ("_FWD", "_BWD_GU", "_BWD_DX", "_TRAIN_STATS"):
+        tuned = getattr(T, name)
+        pinned = {cl: T._autotune(k.fn, k.configs[:1]) for cl, k in tuned.items()}
+        pinned_all[id(tuned)] = pinned
+        out[name] = (tuned, pinned)
+    monkeypatch.setattr(T, "_PINNED", pinned_all)
+    monkeypatch.setattr(T, "_TUNED_KEYS", set())
+    return out
+
+
+@requires_interp
+def test_config_pinning(monkeypatch):
+    """Deterministic mode launches the pinned config of every kernel; a key not yet tuned inside a
+    CUDA-graph capture takes the pinned config, one tuned before the capture keeps the tuned one;
+    the batch size is part of the autotune key."""
+    tables = _fake_tables(monkeypatch)
+    pinned_ids = {id(k) for _, p in tables.values() for k in p.values()}
+    tuned_ids = {id(k) for t, _ in tables.values() for k in t.values()}
+    rec = _Recorder(T._launch)
+    monkeypatch.setattr(T, "_launch", rec)
+    x, w, s, b = make_inputs(1, 4, 6, 5, 3, device="cpu", layout="channels_last")
+    g = torch.randn(1, 4, 6, 5).to(memory_format=torch.channels_last)
+
+    def launched(fn):
+        rec.kernels.clear()
+        fn()
+        return {id(k) for k in rec.kernels}
+
+    def bwd(det):
+        return lambda: T.dwconv_bn_act_bwd(g, x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, det)
+
+    def train_fwd():
+        return T.dwconv_bn_act_train_fwd(x, w, None, s, b, [1, 1], [1, 1], [1, 1], 1e-5, "relu6")
+
+    assert launched(bwd(True)) <= pinned_ids and len(launched(bwd(True))) == 2
+    assert launched(bwd(False)) <= tuned_ids
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert launched(lambda: T.dwconv_bn_act_fwd(x, w, s, b, [1, 1], [1, 1], [1, 1], "relu")) <= pinned_ids
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("FASTDW_DETERMINISTIC", "1")
+    assert launched(train_fwd) <= pinned_ids
+    assert launched(lambda: T.dwconv_bn_act_fwd(x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6")) <= pinned_ids
+    monkeypatch.delenv("FASTDW_DETERMINISTIC")
+    assert launched(train_fwd) <= tuned_ids
+
+    # capture: the forward at this key was tuned above (outside a capture), a new batch size was not
+    monkeypatch.setattr(T, "_capturing", lambda t: True)
+    fwd = lambda xx: lambda: T.dwconv_bn_act_fwd(xx, w, s, b, [1, 1], [1, 1], [1, 1], "relu6")  # noqa: E731
+    T._TUNED_KEYS.clear()
+    assert launched(fwd(x)) <= pinned_ids
+    monkeypatch.setattr(T, "_capturing", lambda t: False)
+    assert launched(fwd(x)) <= tuned_ids  # a warm-up call tunes it
+    monkeypatch.setattr(T, "_capturing", lambda t: True)
+    assert launched(fwd(x)) <= tuned_ids
+    x2 = torch.cat([x, x, x]).contiguous(memory_format=torch.channels_last)
+    assert launched(fwd(x2)) <= pinned_ids  # N = 3: another bucket of the key
+    assert T._plan(x2, w, 6, 5).buckets[0] != T._plan(x, w, 6, 5).buckets[0]
+
+
+def test_autotune_results_cached_across_processes(monkeypatch):
+    """Config lists are autotuned with cache_results where Triton has it (the interpreter turns
+    the cache off itself, so the call is what is checked here)."""
+    import inspect
+
+    import triton
+
+    seen = []
+    real = triton.autotune
+    monkeypatch.setattr(triton, "autotune", lambda configs, key, **kw: seen.append((configs, key, kw)) or
+                        real(configs=configs, key=key, **kw))
+    k = T._autotune(T._dwconv_fwd_kernel, T._CL_CONFIGS)
+    assert len(k.configs) == len(T._CL_CONFIGS) and seen[0][1] == T._KEY and "N_BUCKET" in T._KEY
+    if "cache_results" in inspect.signature(real).parameters:
+        assert seen[0][2] == {"cache_results": True}
+    T._autotune(T._dwconv_fwd_kernel, T._CL_CONFIGS[:1])  # one config: nothing to benchmark or cache
+    assert seen[1][2] == {}
+
+
+def test_backends_import_apart():
+    """fastdw/ops.py and the Triton module do not import each other at module level: the fake
+    kernels and autograd they share live in fastdw/_autograd.py."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fastdw.__file__).parent
+
+    def imports(path):
+        """Module-level imports as 'from:name' (fastdw.ops imports Triton lazily, in a function)."""
+        out = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                out.update("." * node.level + (node.module or "") + ":" + a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                out.update(a.name + ":" for a in node.names)
+        return out
+
+    tri = imports(root / "triton" / "dwconv_bn_act.py")
+    assert not any(m.split(":")[0] in ("..ops", "fastdw.ops") or m == "..:ops" for m in tri), tri
+    assert "..:_autograd" in tri, tri
+    ops = imports(root / "ops.py")
+    assert not any("triton" in m for m in ops), ops
+    assert any(m.startswith("._autograd:") for m in ops), ops
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device():
+    """x on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (right numbers), and the
+    current device is left as it was."""
+    torch.cuda.set_device(0)
+    x, w, s, b = make_inputs(2, 16, 9, 10, 3, device="cuda:1", layout="channels_last", requires_grad=True)
+    y = _fwd(x, w, s, b, act="relu6")
+    assert torch.cuda.current_device() == 0 and y.device == x.device
+    ref = ref_forward(x.detach().double(), w.detach().double(), s.detach().double(), b.detach().double(),
+                      1, 1, 1, "relu6")
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    assert torch.cuda.current_device() == 0 and x.grad.device == x.device and torch.isfinite(x.grad).all()
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_cuda_graph_capture(monkeypatch):
+    """Autotuning on: a first call inside a CUDA-graph capture (no warm-up) takes the pinned config
+    instead of benchmarking, and the replayed graph equals eager."""
+    _fake_tables(monkeypatch)
+    monkeypatch.setitem(T._FWD, True, T._autotune(T._dwconv_fwd_kernel, T._CL_CONFIGS))
+    T._PINNED[id(T._FWD)] = {cl: T._autotune(T._dwconv_fwd_kernel, T._configs(cl)[:1]) for cl in (True, False)}
+    x, w, s, b = make_inputs(3, 40, 17, 19, 3, dtype=torch.float16, device="cuda", layout="channels_last")
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.graph(graph):
+            y = T.dwconv_bn_act_fwd(static_x, w, s, b, [1, 1], [1, 1], [1, 1], "hardswish")
+    torch.cuda.current_stream().wait_stream(stream)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = T.dwconv_bn_act_fwd(x2, w, s, b, [1, 1], [1, 1], [1, 1], "hardswish")
+    assert torch.equal(y, eager)

@@ -34,28 +34,26 @@ Both run as S "splits" x channel blocks; each program loops over every S-th tile
 row of per-channel partial sums, which the host sums over S in a fixed order. The reductions use
 no atomics, so the backward is deterministic whatever `deterministic` says.
 """
+import contextlib
 import functools
+import inspect
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._utils import ACTIVATIONS, check_args, check_channel_vectors, check_train_args, output_memory_format
-from ..ops import (
-    double_backward,
-    fake_backward,
-    fake_forward,
-    fake_train_backward,
-    fake_train_forward,
-    make_backward,
-    make_train_backward,
-    no_setup_context,
-    setup_context,
-    setup_train_context,
+from .._utils import (
+    ACTIVATIONS,
+    check_args,
+    check_channel_vectors,
+    check_train_args,
+    deterministic_requested,
+    output_memory_format,
 )
+from .. import _autograd as AG  # the fake kernels and autograd shared with the C++ ops
 
 __all__ = ["dwconv_bn_act_triton", "dwconv_bn_act_fwd", "dwconv_bn_act_bwd", "dwconv_bn_act_train_fwd",
            "dwconv_bn_act_train_bwd", "INTERPRET", "OP_KIND"]
@@ -67,6 +65,8 @@ OP_KIND = "custom_op (interpreter)" if INTERPRET else "triton_op"
 AUTOTUNE = not INTERPRET and os.environ.get("FASTDW_TRITON_AUTOTUNE", "1") != "0"
 
 _ACT_ID = {a: i for i, a in enumerate(ACTIVATIONS)}  # none, relu, relu6, hardswish, silu
+# eager tensors (not fake, functional or other subclasses): their sizes are plain ints
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,13 +170,13 @@ def _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw,
     return acc
 
 
-@triton.jit(do_not_specialize=["ACT", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
+@triton.jit(do_not_specialize=["ACT", "N_BUCKET", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
 def _dwconv_fwd_kernel(
     X, Wt, S, B, CEN, Y,
     C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
     PH, PW, DH, DW,
-    ACT, C_BUCKET, HW_BUCKET,  # C_BUCKET, HW_BUCKET: autotune key only
+    ACT, N_BUCKET, C_BUCKET, HW_BUCKET,  # the buckets: autotune key only
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -201,14 +201,14 @@ def _dwconv_fwd_kernel(
     tl.store(yp, out.to(Y.dtype.element_ty), mask=pm[:, None] & cm[None, :])
 
 
-@triton.jit(do_not_specialize=["ACT", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
+@triton.jit(do_not_specialize=["ACT", "N_BUCKET", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
 def _dwconv_bwd_gu_kernel(
     X, Wt, S, B, DY, GC, PART,
     N, C, H, W, OH, OW, NSPLIT,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, sgn, sgc, sgh, sgw,
     PH, PW, DH, DW,
     CEN, LIN, CST,
-    ACT, C_BUCKET, HW_BUCKET,
+    ACT, N_BUCKET, C_BUCKET, HW_BUCKET,
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_GC: tl.constexpr, NEED_RED: tl.constexpr,
     TRAIN: tl.constexpr,
@@ -279,13 +279,13 @@ def _dwconv_bwd_gu_kernel(
         tl.store(PART + (s * 2 + 1) * C + c, db_hi.to(tl.float64) + db_lo.to(tl.float64), mask=cm)
 
 
-@triton.jit(do_not_specialize=["C_BUCKET", "HW_BUCKET"])
+@triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
 def _dwconv_bwd_dx_kernel(
     X, Wt, GC, DX, PART,
     N, C, H, W, OH, OW, NSPLIT,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
     PH, PW, DH, DW,
-    C_BUCKET, HW_BUCKET,
+    N_BUCKET, C_BUCKET, HW_BUCKET,
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KKP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -344,13 +344,13 @@ def _dwconv_bwd_dx_kernel(
                  mask=(taps[:, None] < KH * KW) & cm[None, :])
 
 
-@triton.jit(do_not_specialize=["C_BUCKET", "HW_BUCKET"])
+@triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
 def _dwconv_train_stats_kernel(
     X, Wt, PART,
     N, C, H, W, OH, OW, NSPLIT,
     sxn, sxc, sxh, sxw,
     PH, PW, DH, DW,
-    C_BUCKET, HW_BUCKET,
+    N_BUCKET, C_BUCKET, HW_BUCKET,
     SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -403,10 +403,19 @@ def _dwconv_train_stats_kernel(
 
 
 # ------------------------------------------------------------------------------------------
-# Configs and autotuning. Keys: channel and spatial size buckets, stride, kernel size (and, added
-# by Triton, the tensors' dtypes) -- what changes the best tile, nothing that varies per call.
+# Configs and autotuning. Keys: batch, channel and spatial size buckets, stride, kernel size (and,
+# added by Triton, the tensors' dtypes) -- what changes the best tile, nothing that varies per call.
+# Three rules keep autotuning from changing results or failing (see _pick):
+#   * deterministic mode (torch.use_deterministic_algorithms(True), FASTDW_DETERMINISTIC=1, or the
+#     backward ops' `deterministic` argument) launches the pinned kernels, the first config of each
+#     list: the backward's partial sums are grouped by tile, so their bits would otherwise depend on
+#     which config won the benchmark in this process;
+#   * inside a CUDA-graph capture, a key this process has not tuned yet takes the pinned config
+#     (benchmarking synchronizes, which a capture forbids); keys tuned before the capture (by a
+#     warm-up call) keep their tuned config;
+#   * the benchmark results persist across processes (Triton's cache_results, where it has it).
 
-_KEY = ["C_BUCKET", "HW_BUCKET", "SH", "KH", "KW"]
+_KEY = ["N_BUCKET", "C_BUCKET", "HW_BUCKET", "SH", "KH", "KW"]
 
 
 def _cfg(bh, bw, bc, warps, stages=1):
@@ -431,14 +440,75 @@ def _configs(channels_last: bool):
     return cfgs if AUTOTUNE else cfgs[:1]
 
 
+_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def _autotune(kernel, configs):
+    extra = {"cache_results": True} if _CACHE_RESULTS and len(configs) > 1 else {}
+    return triton.autotune(configs=configs, key=_KEY, **extra)(kernel)
+
+
 def _tuned(kernel, channels_last: bool):
-    return triton.autotune(configs=_configs(channels_last), key=_KEY)(kernel)
+    return _autotune(kernel, _configs(channels_last))
+
+
+def _pinned_table(kernel, tuned):
+    """The pinned kernels (first config) beside the tuned ones: the same table when one config is
+    all there is (interpreter, FASTDW_TRITON_AUTOTUNE=0)."""
+    if all(len(k.configs) == 1 for k in tuned.values()):
+        return tuned
+    return {cl: _autotune(kernel, _configs(cl)[:1]) for cl in (True, False)}
 
 
 _FWD = {cl: _tuned(_dwconv_fwd_kernel, cl) for cl in (True, False)}
 _BWD_GU = {cl: _tuned(_dwconv_bwd_gu_kernel, cl) for cl in (True, False)}
 _BWD_DX = {cl: _tuned(_dwconv_bwd_dx_kernel, cl) for cl in (True, False)}
 _TRAIN_STATS = {cl: _tuned(_dwconv_train_stats_kernel, cl) for cl in (True, False)}
+_PINNED = {id(t): _pinned_table(k, t) for k, t in ((_dwconv_fwd_kernel, _FWD), (_dwconv_bwd_gu_kernel, _BWD_GU),
+                                                  (_dwconv_bwd_dx_kernel, _BWD_DX),
+                                                  (_dwconv_train_stats_kernel, _TRAIN_STATS))}
+# (kernel, key) pairs this process launched through the autotuner outside a CUDA-graph capture
+_TUNED_KEYS: set = set()
+
+
+def _pick(table, cl, key, x, deterministic):
+    """The kernel to launch from `table` (_FWD, ...): the autotuned one, or the pinned one in
+    deterministic mode and for a key not yet tuned while the stream is being captured. `key`
+    determines what Triton's autotuner keys on (its key arguments and the tensor arguments'
+    dtypes)."""
+    kernel = table[cl]
+    pinned = _PINNED[id(table)]
+    if pinned is table:
+        return kernel
+    if deterministic:
+        return pinned[cl]
+    if type(x) not in _PLAIN:  # traced by torch.compile: Inductor tunes user kernels itself
+        return kernel
+    k = (kernel, key)
+    if k not in _TUNED_KEYS:
+        if _capturing(x):
+            return pinned[cl]
+        _TUNED_KEYS.add(k)
+    return kernel
+
+
+def _capturing(x) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _run(table, grid, args, consts, x, k, deterministic=None):
+    """Launch the kernel _pick chooses for the launch's plan `k` (_common) with positional `args`
+    and constexpr keyword arguments `consts`. deterministic None: deterministic_requested()."""
+    cl = k["cl"]
+    key = None
+    if _PINNED[id(table)] is not table:
+        if deterministic is None:
+            deterministic = deterministic_requested()
+        if not deterministic:
+            # the buckets, the constexprs (SH, KH, KW, and the flags that choose which tensors are
+            # dummies) and the dtypes of x and the parameters fix every tensor argument's dtype
+            key = (k["buckets"], tuple(consts.values()), x.dtype, k["wt"].dtype, k["s"].dtype, k["b"].dtype)
+    _launch(_pick(table, cl, key, x, deterministic))[grid](*args, **consts)
 
 
 # ------------------------------------------------------------------------------------------
@@ -475,12 +545,6 @@ def _num_splits(x: Tensor, positions: int, channel_programs: int) -> int:
     return max(1, min(triton.cdiv(positions, 256), (8 * sms) // max(1, channel_programs)))
 
 
-def _check(x, weight, scale, shift, stride, padding, dilation, act):
-    oh, ow = check_args(x, weight, scale, shift, stride, padding, dilation, act)
-    _check_triton_limits(x)
-    return oh, ow
-
-
 def _check_triton_limits(x):
     """What the Triton kernels add to the op's argument checks: no fp64, int32 offsets per image."""
     torch._check_type(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
@@ -501,47 +565,142 @@ def _check_bwd(grad_out, x, OH, OW, output_mask):
                       lambda: f"fastdw: grad_out must have x's dtype {x.dtype}; got {grad_out.dtype}")
 
 
-def _common(x, weight, scale, shift, stride, padding, dilation, act):
+# ------------------------------------------------------------------------------------------
+# Host side: the argument checks once per signature, the device guard
+
+
+def _bucket(v) -> int:
+    """Autotune bucket of a size: the next power of two; 0 for a symbolic size (a traced call must
+    not specialize on it)."""
+    return _next_pow2(v) if isinstance(v, int) else 0
+
+
+class _Plan(NamedTuple):
+    """What a launch derives from its arguments' metadata alone (memoized by _memo)."""
+    OH: int
+    OW: int
+    fmt: torch.memory_format  # the layout of y and dx (output_memory_format)
+    cl: bool                  # the channels-on-the-fast-axis configs
+    buckets: Tuple[int, int, int]  # autotune buckets of N, C, OH*OW
+    dense_w: bool             # the weight already is (C, kH*kW) with unit strides
+
+
+def _plan(x, weight, OH, OW) -> _Plan:
+    return _Plan(OH, OW, output_memory_format(x), _channels_fast(x),
+                 (_bucket(x.shape[0]), _bucket(x.shape[1]), _bucket(OH * OW)), weight.is_contiguous())
+
+
+def _fwd_plan(x, weight, scale, shift, stride, padding, dilation, act) -> _Plan:
+    OH, OW = check_args(x, weight, scale, shift, stride, padding, dilation, act)
+    _check_triton_limits(x)
+    return _plan(x, weight, OH, OW)
+
+
+def _bwd_plan(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask) -> _Plan:
+    pl = _fwd_plan(x, weight, scale, shift, stride, padding, dilation, act)
+    _check_bwd(grad_out, x, pl.OH, pl.OW, output_mask)
+    return pl
+
+
+def _train_fwd_plan(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act) -> _Plan:
+    OH, OW = check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    _check_triton_limits(x)
+    return _plan(x, weight, OH, OW)
+
+
+def _train_bwd_plan(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps,
+                    act, output_mask) -> _Plan:
+    pl = _train_fwd_plan(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)
+    check_channel_vectors(x, mean=mean, var=var, grad_mean=grad_mean, grad_var=grad_var)
+    _check_bwd(grad_y, x, pl.OH, pl.OW, output_mask)
+    return pl
+
+
+_MEMO: dict = {}
+_MEMO_MAX = 4096
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _memo(fn, tensors, rest, *args) -> _Plan:
+    """fn(*args): the argument checks and the plan, which read only the metadata (shape, strides,
+    dtype, device) of `tensors` and the values `rest`; memoized on those when every tensor is an
+    eager one, so a repeated call costs a dictionary lookup instead of ~40 checks. Calls that fail
+    are never memoized (they raise each time); traced calls (fake tensors, symbolic sizes) always
+    run fn."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return fn(*args)
+    key = (fn, rest, *map(_meta, tensors))
+    pl = _MEMO.get(key)
+    if pl is None:
+        pl = fn(*args)
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = pl
+    return pl
+
+
+def _on_device(x):
+    """x's GPU made current for the launches (Triton launches on the current device, whatever
+    device the tensors are on); a no-op when it already is, and for CPU, meta or traced tensors."""
+    if type(x) in _PLAIN and x.is_cuda:
+        index = x.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return contextlib.nullcontext()
+
+
+def _common(x, weight, scale, shift, act, pl: _Plan):
     """What every launch reads, made dense: the kernels index the weight as (C, kH*kW) and the
     per-channel vectors as (C,) with unit stride, so a strided view, an expanded (stride-0)
     tensor or a prepacked weight (fastdw.prepack_params) is copied first (C + C*kH*kW elements)."""
     N, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
-    wt = weight.reshape(C, KH * KW).contiguous()
+    wt = weight if pl.dense_w else weight.reshape(C, KH * KW).contiguous()
     return dict(N=N, C=C, H=H, W=W, KH=KH, KW=KW, wt=wt,
                 s=scale.contiguous() if scale is not None else wt, b=shift.contiguous() if shift is not None else wt,
-                cl=_channels_fast(x), act=_ACT_ID[act], C_BUCKET=_next_pow2(C))
+                cl=pl.cl, act=_ACT_ID[act], buckets=pl.buckets)
+
+
+def _rest(stride, padding, dilation, *more):
+    return (tuple(stride), tuple(padding), tuple(dilation), *more)
 
 
 def dwconv_bn_act_fwd(x: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                       stride: List[int], padding: List[int], dilation: List[int], act: str) -> Tensor:
     """Forward launcher (the body of fastdw::dwconv_bn_act_triton; its annotations are the
     op's schema)."""
-    return _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act)
+    pl = _memo(_fwd_plan, (x, weight, scale, shift), _rest(stride, padding, dilation, act),
+               x, weight, scale, shift, stride, padding, dilation, act)
+    with _on_device(x):
+        return _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, pl)
 
 
-def _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, center=None):
+def _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, pl: _Plan, center=None):
     """The forward kernel; `center` (fp32 (C,), training mode): u = (conv - center) * scale + shift."""
-    OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
     N, C = x.shape[0], x.shape[1]
-    y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    OH, OW = pl.OH, pl.OW
+    y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=pl.fmt)
     if y.numel() == 0:
         return y
-    k = _common(x, weight, scale, shift, stride, padding, dilation, act)
+    k = _common(x, weight, scale, shift, act, pl)
 
     def grid(meta):
         return (N * triton.cdiv(OH, meta["BLOCK_H"]) * triton.cdiv(OW, meta["BLOCK_W"])
                 * triton.cdiv(C, meta["BLOCK_C"]),)
 
-    _launch(_FWD[k["cl"]])[grid](
+    _run(_FWD, grid, (
         x, k["wt"], k["s"], k["b"], center if center is not None else k["wt"], y,
         C, k["H"], k["W"], OH, OW,
         *x.stride(), *y.stride(),
         padding[0], padding[1], dilation[0], dilation[1],
-        k["act"], k["C_BUCKET"], _next_pow2(OH * OW),
-        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_CENTER=center is not None,
-    )
+        k["act"], *k["buckets"],
+    ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_CENTER=center is not None),
+        x, k)
     return y
 
 
@@ -551,7 +710,7 @@ def _cprog(k) -> int:
 
 
 def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale, has_shift, store_gc, need_red,
-               train=None):
+               deterministic, train=None):
     """The gu kernel over all outputs: gc (when store_gc) and the (NSPLIT, 2, C) partial sums of
     dscale / dshift (returned when need_red). train = (center, lin, cst) switches on the
     batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
@@ -563,21 +722,20 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
     def grid(meta):
         return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
 
-    _launch(_BWD_GU[k["cl"]])[grid](
+    _run(_BWD_GU, grid, (
         x, k["wt"], k["s"], k["b"], grad_out, gc, part,
         N, C, H, W, OH, OW, ns,
         *x.stride(), *grad_out.stride(), *(gc.stride() if store_gc else (0, 0, 0, 0)),
         padding[0], padding[1], dilation[0], dilation[1],
         cen, lin, cst,
-        k["act"], k["C_BUCKET"], _next_pow2(OH * OW),
-        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
-        HAS_SCALE=has_scale, HAS_SHIFT=has_shift, STORE_GC=store_gc, NEED_RED=need_red,
-        TRAIN=train is not None,
-    )
+        k["act"], *k["buckets"],
+    ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+            HAS_SCALE=has_scale, HAS_SHIFT=has_shift, STORE_GC=store_gc, NEED_RED=need_red,
+            TRAIN=train is not None), x, k, deterministic)
     return part if need_red else None
 
 
-def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw):
+def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic):
     """The dx kernel from gc (the gradient of the conv output): fills dx (when need_dx) and
     returns dweight as (C, KH*KW) float64 (when need_dw, else None)."""
     N, C, H, W = k["N"], k["C"], k["H"], k["W"]
@@ -589,14 +747,14 @@ def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw
     def grid(meta):
         return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
 
-    _launch(_BWD_DX[k["cl"]])[grid](
+    _run(_BWD_DX, grid, (
         x, k["wt"], gc, dx, part,
         N, C, H, W, OH, OW, ns,
         *x.stride(), *gc.stride(), *(dx.stride() if need_dx else (0, 0, 0, 0)),
         padding[0], padding[1], dilation[0], dilation[1],
-        k["C_BUCKET"], _next_pow2(OH * OW),
-        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"], KKP=KKP, NEED_DX=need_dx, NEED_DW=need_dw,
-    )
+        *k["buckets"],
+    ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"], KKP=KKP, NEED_DX=need_dx, NEED_DW=need_dw),
+        x, k, deterministic)
     return part.sum(dim=0)[:KK].t() if need_dw else None
 
 
@@ -606,13 +764,20 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward launcher (the body of fastdw::_dwconv_bn_act_backward_triton). Returns
     (dx, dweight, dscale, dshift); entries not asked for by output_mask (or whose input is None)
-    are empty (0,) tensors. Always deterministic (fixed-order partial sums, no atomics)."""
-    OH, OW = _check(x, weight, scale, shift, stride, padding, dilation, act)
-    _check_bwd(grad_out, x, OH, OW, output_mask)
+    are empty (0,) tensors. Run to run deterministic (fixed-order partial sums, no atomics);
+    `deterministic` also pins the tile config, so the bits do not depend on autotuning either."""
+    pl = _memo(_bwd_plan, (grad_out, x, weight, scale, shift), _rest(stride, padding, dilation, act, tuple(output_mask)),
+               grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask)
+    with _on_device(x):
+        return _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl)
+
+
+def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl):
+    OH, OW = pl.OH, pl.OW
     N, C, H, W = x.shape
     need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
     need_ds, need_db = bool(output_mask[2]) and scale is not None, bool(output_mask[3]) and shift is not None
-    fmt = output_memory_format(x)
+    fmt = pl.fmt
     f32 = dict(dtype=torch.float32, device=x.device)
     KH, KW = weight.shape[2], weight.shape[3]
     KK = KH * KW
@@ -623,12 +788,13 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
     db = torch.zeros((C,), **f32) if need_db else None
 
     if x.numel() > 0 and (need_dx or need_dw or need_ds or need_db):
-        k = _common(x, weight, scale, shift, stride, padding, dilation, act)
+        k = _common(x, weight, scale, shift, act, pl)
         need_red = need_ds or need_db
         store_gc = need_dx or need_dw
         gc = torch.empty((N, C, OH, OW), memory_format=fmt, **f32) if store_gc else dx
         part1 = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
-                           has_shift=shift is not None, store_gc=store_gc, need_red=need_red)
+                           has_shift=shift is not None, store_gc=store_gc, need_red=need_red,
+                           deterministic=deterministic)
         if need_red:
             # separate sums: the returned gradients must not alias each other
             if need_ds:
@@ -636,7 +802,7 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
             if need_db:
                 db = part1[:, 1].sum(dim=0)
         if store_gc:
-            dw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw)
+            dw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
 
     def out(t, like):  # in the input's dtype; an empty (0,) tensor where not asked for
         dtype = like.dtype if like is not None else torch.float32
@@ -654,12 +820,6 @@ def _f32_or(t: Optional[Tensor], like: Tensor, value: float) -> Tensor:
     return t.float() if t is not None else torch.full((like.shape[1],), value, dtype=torch.float32, device=like.device)
 
 
-def _check_train(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
-    oh, ow = check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
-    _check_triton_limits(x)
-    return oh, ow
-
-
 def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
                             beta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                             eps: float, act: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -667,27 +827,33 @@ def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], g
     kernel, the merge of its per-split (n, mean, M2) rows in float64 (fixed order), then the
     inference forward with center = mean, scale = gamma * invstd, shift = beta. Returns
     (y, mean + bias, biased var), mean and var fp32 (C,)."""
-    OH, OW = _check_train(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    pl = _memo(_train_fwd_plan, (x, weight, bias, gamma, beta), _rest(stride, padding, dilation, eps, act),
+               x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    with _on_device(x):
+        return _train_fwd(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act, pl)
+
+
+def _train_fwd(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act, pl):
+    OH, OW = pl.OH, pl.OW
     N, C, H, W = x.shape
     if N * C * OH * OW == 0:
-        y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+        y = torch.empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=pl.fmt)
         nan = torch.full((C,), float("nan"), dtype=torch.float32, device=x.device)
         return y, nan, nan.clone()
-    k = _common(x, weight, None, None, stride, padding, dilation, "none")
+    k = _common(x, weight, None, None, "none", pl)
     ns = _num_splits(x, N * OH * OW, _cprog(k))
     part = torch.empty((ns, 3, C), dtype=torch.float64, device=x.device)
 
     def grid(meta):
         return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
 
-    _launch(_TRAIN_STATS[k["cl"]])[grid](
+    _run(_TRAIN_STATS, grid, (
         x, k["wt"], part,
         N, C, H, W, OH, OW, ns,
         *x.stride(),
         padding[0], padding[1], dilation[0], dilation[1],
-        k["C_BUCKET"], _next_pow2(OH * OW),
-        SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
-    )
+        *k["buckets"],
+    ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"]), x, k)
     cnt, pm, pq = part[:, 0], part[:, 1], part[:, 2]
     total = cnt.sum(dim=0)
     mean_d = (cnt * pm).sum(dim=0) / total
@@ -696,7 +862,7 @@ def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], g
     # invstd in double from the returned (rounded) variance, as the backward computes it
     invstd = torch.rsqrt(var.double() + eps)
     scale = ((gamma.double() * invstd) if gamma is not None else invstd).float()
-    y = _fwd_launch(x, weight, scale, beta, stride, padding, dilation, act, center=mean)
+    y = _fwd_launch(x, weight, scale, beta, stride, padding, dilation, act, pl, center=mean)
     return y, (mean + bias.float() if bias is not None else mean), var
 
 
@@ -707,13 +873,22 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
     """Training backward launcher (the body of fastdw::_dwconv_bn_act_train_backward_triton):
     the gu kernel twice (A: sums of gu and gu*(z - mean); B: dz), then the dx kernel on dz.
     mean is the batch mean of conv(x) without the bias. Returns (dx, dweight, dgamma, dbeta)."""
-    OH, OW = _check_train(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)
-    check_channel_vectors(x, mean=mean, var=var, grad_mean=grad_mean, grad_var=grad_var)
-    _check_bwd(grad_y, x, OH, OW, output_mask)
+    pl = _memo(_train_bwd_plan, (grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var),
+               _rest(stride, padding, dilation, eps, act, tuple(output_mask)),
+               grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps, act,
+               output_mask)
+    with _on_device(x):
+        return _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation,
+                          eps, act, output_mask, deterministic, pl)
+
+
+def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps, act,
+               output_mask, deterministic, pl):
+    OH, OW = pl.OH, pl.OW
     N, C, H, W = x.shape
     need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
     need_dg, need_db = bool(output_mask[2]) and gamma is not None, bool(output_mask[3]) and beta is not None
-    fmt = output_memory_format(x)
+    fmt = pl.fmt
     KH, KW = weight.shape[2], weight.shape[3]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
         else torch.empty((0,), dtype=x.dtype, device=x.device)
@@ -727,9 +902,9 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
         g = _f32_or(gamma, x, 1.0).double()
         center = mean.float().contiguous()
         scale = g * invstd
-        k = _common(x, weight, scale.float(), _f32_or(beta, x, 0.0), stride, padding, dilation, act)
+        k = _common(x, weight, scale.float(), _f32_or(beta, x, 0.0), act, pl)
         part = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
-                          store_gc=False, need_red=True, train=(center, center, center))
+                          store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
         S, B = part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
         dg, db = invstd * S, B
         if need_dx or need_dw:
@@ -742,8 +917,8 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
             lin, cst = (lin / M).float().contiguous(), (cst / M).float().contiguous()
             gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=torch.float32, device=x.device)
             _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
-                       store_gc=True, need_red=False, train=(center, lin, cst))
-            dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw)
+                       store_gc=True, need_red=False, deterministic=deterministic, train=(center, lin, cst))
+            dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
     elif need_dx:
         dx.zero_()
 
@@ -760,13 +935,13 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
 
 
 def _fwd_fake(x, weight, scale, shift, stride, padding, dilation, act):
-    out = fake_forward(x, weight, scale, shift, stride, padding, dilation, act)
+    out = AG.fake_forward(x, weight, scale, shift, stride, padding, dilation, act)
     _check_triton_limits(x)
     return out
 
 
 def _bwd_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
-    out = fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
+    out = AG.fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
                         deterministic)
     _check_triton_limits(x)
     return out
@@ -784,19 +959,19 @@ else:
     _bwd_op = torch.library.triton_op("fastdw::_dwconv_bn_act_backward_triton", dwconv_bn_act_bwd,
                                       mutates_args=())
 
-_fwd_op.register_autograd(make_backward(_bwd_op), setup_context=setup_context)
-_bwd_op.register_autograd(double_backward, setup_context=no_setup_context)
+_fwd_op.register_autograd(AG.make_backward(_bwd_op), setup_context=AG.setup_context)
+_bwd_op.register_autograd(AG.double_backward, setup_context=AG.no_setup_context)
 
 
 def _train_fwd_fake(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
-    out = fake_train_forward(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
+    out = AG.fake_train_forward(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
     _check_triton_limits(x)
     return out
 
 
 def _train_bwd_fake(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps,
                     act, output_mask, deterministic):
-    out = fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding,
+    out = AG.fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding,
                               dilation, eps, act, output_mask, deterministic)
     _check_triton_limits(x)
     return out
@@ -809,8 +984,8 @@ _train_bwd_op = _OP_FACTORY("fastdw::_dwconv_bn_act_train_backward_triton", dwco
 if INTERPRET:
     _train_op.register_fake(_train_fwd_fake)
     _train_bwd_op.register_fake(_train_bwd_fake)
-_train_op.register_autograd(make_train_backward(_train_bwd_op), setup_context=setup_train_context)
-_train_bwd_op.register_autograd(double_backward, setup_context=no_setup_context)
+_train_op.register_autograd(AG.make_train_backward(_train_bwd_op), setup_context=AG.setup_train_context)
+_train_bwd_op.register_autograd(AG.double_backward, setup_context=AG.no_setup_context)
 
 OP = torch.ops.fastdw.dwconv_bn_act_triton.default
 BWD_OP = torch.ops.fastdw._dwconv_bn_act_backward_triton.default
