@@ -285,9 +285,10 @@ def _eager_direct(x, *tensors) -> int:
     tracing, dispatch or function mode, functorch transform or profiler active: nothing that the
     op's registration (fake kernel, the op's name in a trace or profile) would serve. The launcher
     is what the op runs: the results are the same tensors."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not _nothing_watches():
         return 0
-    grad = torch.is_grad_enabled()
+    # (inference mode drops the Autograd key: no graph there even under enable_grad, as for the op)
+    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     out = 1
     for t in (x, *tensors):
         if t is not None:
@@ -295,17 +296,26 @@ def _eager_direct(x, *tensors) -> int:
                 return 0
             if grad and t.requires_grad:
                 out = 2
-    if (x.is_meta or torch._C._len_torch_dispatch_stack() != 0 or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd._profiler_enabled()):
-        return 0
-    return out
+    return 0 if x.is_meta else out
 
 
-def _triton_bwd_eager(*args):
+def _nothing_watches() -> bool:
+    """No compile or jit tracing, dispatch or function mode, functorch transform or profiler that
+    must see the op itself."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() != 0
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd._profiler_enabled())
+
+
+def _triton_bwd_eager(grad, *args):
+    """The backward of _TritonEager: the launcher under the same conditions as the forward's direct
+    path, re-checked now (compiled autograd, a mode or a profiler may have started since the
+    forward); else the backward op, whose own autograd also refuses a double backward
+    (create_graph=True)."""
     T = _TRITON_MODULE[0]
-    if torch.is_grad_enabled():  # create_graph=True: the op, whose own autograd refuses a double backward
-        return T.BWD_OP(*args)
-    return T.dwconv_bn_act_bwd(*args)
+    if torch.is_grad_enabled() or type(grad) not in _PLAIN or not _nothing_watches():
+        return T.BWD_OP(grad, *args)
+    return T.dwconv_bn_act_bwd(grad, *args)
 
 
 class _TritonEager(torch.autograd.Function):

@@ -501,6 +501,8 @@ def test_checks_memoized(device, monkeypatch):
     for _ in range(2):
         with pytest.raises(ValueError, match="grad_out must have the output's shape"):
             T.dwconv_bn_act_bwd(g[:, :, :3], x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, False)
+        with pytest.raises(ValueError, match="grad_out must be on x's device"):
+            T.dwconv_bn_act_bwd(g.to("meta"), x, w, s, b, [1, 1], [1, 1], [1, 1], "relu6", [True] * 4, False)
 
 
 @requires_interp
@@ -517,6 +519,10 @@ def test_eager_direct_path(monkeypatch):
     assert direct(x.clone().requires_grad_(), w, s, b) == 2
     with torch.no_grad():
         assert direct(x.clone().requires_grad_(), w, s, b) == 1
+    leaf = x.clone().requires_grad_()
+    with torch.inference_mode(), torch.enable_grad():  # no graph in inference mode, as for the op
+        assert direct(leaf, w, s, b) == 1
+        assert _fwd(leaf, w, s, b).grad_fn is None
     assert direct(x, torch.nn.Parameter(w), s, b) == 2  # a weight that wants a gradient
     assert direct(x.to("meta"), w.to("meta"), None, None) == 0
 
@@ -554,6 +560,19 @@ def test_eager_direct_path(monkeypatch):
     (gx,) = torch.autograd.grad(_fwd(xg, w, s, b, act="hardswish").square().sum(), [xg], create_graph=True)
     with pytest.raises(RuntimeError, match="fastdw: double backward"):
         gx.sum().backward()
+    # a mode that starts after the forward sees the backward op (the backward re-checks)
+    seen = []
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    y = _fwd(xg, w, s, b, act="hardswish")
+    with Names():
+        (gx2,) = torch.autograd.grad(y, [xg], gy)
+    assert "fastdw._dwconv_bn_act_backward_triton.default" in seen, seen[:20]
+    assert torch.equal(gx2, grads[0])
 
 
 def _fake_tables(monkeypatch):

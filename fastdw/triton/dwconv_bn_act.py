@@ -484,11 +484,8 @@ def _pick(table, cl, key, x, deterministic):
         return pinned[cl]
     if type(x) not in _PLAIN:  # traced by torch.compile: Inductor tunes user kernels itself
         return kernel
-    k = (kernel, key)
-    if k not in _TUNED_KEYS:
-        if _capturing(x):
-            return pinned[cl]
-        _TUNED_KEYS.add(k)
+    if (kernel, key) not in _TUNED_KEYS and _capturing(x):
+        return pinned[cl]
     return kernel
 
 
@@ -508,7 +505,10 @@ def _run(table, grid, args, consts, x, k, deterministic=None):
             # the buckets, the constexprs (SH, KH, KW, and the flags that choose which tensors are
             # dummies) and the dtypes of x and the parameters fix every tensor argument's dtype
             key = (k["buckets"], tuple(consts.values()), x.dtype, k["wt"].dtype, k["s"].dtype, k["b"].dtype)
-    _launch(_pick(table, cl, key, x, deterministic))[grid](*args, **consts)
+    kernel = _pick(table, cl, key, x, deterministic)
+    _launch(kernel)[grid](*args, **consts)
+    if key is not None and kernel is table[cl] and type(x) in _PLAIN:
+        _TUNED_KEYS.add((kernel, key))  # after the launch: a failed first launch tuned nothing
 
 
 # ------------------------------------------------------------------------------------------
@@ -563,6 +563,8 @@ def _check_bwd(grad_out, x, OH, OW, output_mask):
                                f"{list(grad_out.shape)}")
     torch._check_type(grad_out.dtype == x.dtype,
                       lambda: f"fastdw: grad_out must have x's dtype {x.dtype}; got {grad_out.dtype}")
+    torch._check_value(grad_out.device == x.device,
+                       lambda: f"fastdw: grad_out must be on x's device ({x.device}); got {grad_out.device}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -631,7 +633,7 @@ def _memo(fn, tensors, rest, *args) -> _Plan:
     are never memoized (they raise each time); traced calls (fake tensors, symbolic sizes) always
     run fn."""
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
+        if t is not None and (type(t) not in _PLAIN or t.layout != torch.strided):
             return fn(*args)
     key = (fn, rest, *map(_meta, tensors))
     pl = _MEMO.get(key)
