@@ -378,10 +378,30 @@ def _prepare(x, w, act, stride, padding, dilation, backend, **tensors):
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"fastdw: {name} must be on the same device as x ({x.device}); got {t.device}")
+    if not torch.compiler.is_compiling():
+        _refuse_forward_ad(x, tensors)
     b = resolve_backend(backend, x.device)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     return stride, padding, dilation, b, x
+
+
+def _refuse_forward_ad(x, tensors) -> None:
+    """The fused ops have no forward-mode derivative: under torch.func.jvp, or with a tangent on an
+    input under torch.autograd.forward_ad, they would return a zero tangent. Refuse instead."""
+    jvp = False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters  # noqa: PLC0415
+
+        jvp = any(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    if not jvp and torch.autograd.forward_ad._current_level >= 0:
+        jvp = any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+                  for t in (x, *tensors.values()))
+    if jvp:
+        raise NotImplementedError(
+            "fastdw: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by the fused "
+            "ops: they have no forward derivative and would return a zero tangent. Use reverse mode "
+            "(backward, torch.func.grad / vjp / jacrev), or the unfused layers for jvp")
 
 
 def dwconv_bn_act_train(

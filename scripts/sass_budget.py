@@ -4,6 +4,8 @@
     python scripts/sass_budget.py --json out.json  # [{"kernel", "arch", "registers", "spill_bytes", ...}]
     python scripts/sass_budget.py --check          # exit 1 when a budgeted kernel breaks its budget or spills
     python scripts/sass_budget.py --so PATH --arch 90 --filter Fwd
+    python scripts/sass_budget.py --triton         # and the Triton kernels (compiled here by Triton, minutes)
+    python scripts/sass_budget.py --triton-only [--quick]
 
 Why instructions decide the speed (DESIGN.md, "the static budget"): an H200 SM moves about 16.5
 bytes per clock and issues at most 128 thread-instructions per clock, so a kernel moving B bytes per
@@ -31,6 +33,12 @@ fp16/bf16 channels_last 3x3 stride 1 <= 40, stride 2 <= 60; fp32 NCHW 3x3 stride
 other layout / dtype pairs: the same numbers as their stride's class). The training variant adds
 two FFMA per q (the batch-statistics terms): +3. The general backward kernels (BwdGu, BwdDx,
 BwdPartial, BwdFinish) and the finish stages are reported without a budget.
+
+The Triton kernels (--triton, issue 16): each autotune config of the forward, gu and dx kernels
+for the budgeted classes, compiled for the arch by Triton's own compiler and ptxas as the JIT
+would specialize a MobileNet-like call, counted the same way (rows named triton:...), with the
+CUDA budgets times 1.25; the backward's budget is held by a row summing gu (per output / S^2) and
+dx (per dx element). Reported; --check holds them only with --check-triton.
 """
 from __future__ import annotations
 
@@ -498,6 +506,126 @@ def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> Li
     return kernels
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (issue 16): compiled for the arch by Triton itself, without a GPU.
+
+TRITON_SCALE = 1.25  # the Triton backend's budgets: the CUDA kernels' times 1.25
+# (layout, dtype, K, S): the forward classes the CUDA budgets name; --quick: the first of each layout
+TRITON_CASES = [("channels_last", "fp16", 3, 1), ("channels_last", "fp16", 3, 2), ("channels_last", "fp16", 5, 1),
+                ("channels_last", "fp16", 7, 1), ("contiguous", "fp32", 3, 1), ("contiguous", "fp32", 3, 2)]
+
+
+def _triton_budget(kind: str, cl: bool, dtype: str, K: int, S: int) -> Optional[float]:
+    """fwd: the CUDA forward budget of the class times 1.25 (act relu6); bwd: the fused backward's
+    (per dx element, gu and dx kernels together) times 1.25."""
+    cdt = "c10::Half" if dtype == "fp16" else "float"
+    if kind == "fwd":
+        b = _fast_budget("FwdWin" if cl else "FwdNchw", cdt, "relu6", K, S)
+    else:
+        b = _bwd_budget(cdt, cl, K, S, False)
+    return None if b is None else round(b * TRITON_SCALE, 2)
+
+
+def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> List[Kernel]:
+    """Every autotune config of the Triton forward, gu and dx kernels for the TRITON_CASES classes
+    (relu6), compiled for sm_<arch> as the JIT would specialize a MobileNet-like call (the launches
+    recorded by scripts/triton_compile_check.py), read like the CUDA kernels: registers and spills
+    from ptxas, the SASS instruction count of a program's thread (the runtime kh loop and the
+    backward's tile loop: the loop body per trip, K trips for kh) over the outputs it stores. One
+    row per kernel and config, named triton:...; plus one row per backward class and config pair
+    index summing gu (per output, times 1/S^2) and dx (per dx element), which carries the backward
+    budget."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("sass_budget --triton: unset TRITON_INTERPRET (the interpreter has nothing to compile)")
+    import importlib.util
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    spec = importlib.util.spec_from_file_location("triton_compile_check", ROOT / "scripts" / "triton_compile_check.py")
+    tcc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tcc)
+    cuobjdump, tooldir = find_tools()
+    env = dict(os.environ, PATH=tooldir + os.pathsep + os.environ.get("PATH", ""))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    dts = {"fp16": torch.float16, "fp32": torch.float32}
+    target = GPUTarget("cuda", int(arch), 32)
+    backend = make_backend(target)
+    out: List[Kernel] = []
+    for layout, dt, K, S in (TRITON_CASES[::4] if quick else TRITON_CASES):
+        cl = layout == "channels_last"
+        calls = tcc._record([(layout, dts[dt], K, S, "relu6", True)])
+        per_kind: Dict[str, List[Kernel]] = {}
+        for kernel, a, kw in calls:
+            fn = kernel.fn
+            kind = {"_dwconv_fwd_kernel": "fwd", "_dwconv_bwd_gu_kernel": "gu", "_dwconv_bwd_dx_kernel": "dx"}.get(
+                fn.__name__)
+            # the inference kernels only (the training variants: TRAIN / HAS_CENTER)
+            if kind is None or kw.get("TRAIN") or kw.get("HAS_CENTER") or kind in per_kind:
+                continue
+            per_kind[kind] = []
+            for ci, cfg in enumerate(kernel.configs if all_configs else kernel.configs[:1]):
+                sig, const, attrs = tcc._signature(fn, a, kw, cfg)
+                opts = backend.parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
+                                    options=opts.__dict__)
+                tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_H", "BLOCK_W", "BLOCK_C"))
+                name = (f"triton:{fn.__name__.strip('_')}<{dt}, {'CL' if cl else 'NCHW'}, {K}, {S}, {tile}, "
+                        f"w{cfg.num_warps}>")
+                k = Kernel(kernel=name, arch=f"sm_{arch}", mangled=name, tag=f"triton_{kind}", dtype=dt,
+                           act="relu6", K=K, S=S)
+                res = tcc._resources(ck.asm["ptx"], int(arch), ptxas) or {}
+                k.registers = res.get("regs", 0)
+                k.stack_bytes = res.get("stack", 0)
+                k.spill_bytes = res.get("spill_stores", 0)
+                k.threads_per_block = cfg.num_warps * 32
+                k.shared_bytes = int(getattr(ck.metadata, "shared", 0) or 0)
+                k.warps_per_sm = warps_per_sm(k.registers, k.threads_per_block, k.shared_bytes)
+                with tempfile.TemporaryDirectory() as tmp:
+                    cub = os.path.join(tmp, "k.cubin")
+                    Path(cub).write_bytes(ck.asm["cubin"])
+                    sass = parse_sass(run([cuobjdump, "-sass", cub], env))
+                instrs = next(iter(sass.values()))
+                eb = 4 if (kind == "gu" or dt == "fp32") else 2  # gu stores the fp32 gc
+                tot, n_ins, n_out, est, ld, st, sp = analyse(instrs, eb, K)
+                _LAST_PATH.clear()
+                k.instr_total, k.region_instr, k.outputs_per_region, k.estimated = tot, n_ins, n_out, est
+                k.load_bits, k.store_bits, k.spill_instr = ld, st, sp
+                if n_out > 0:
+                    k.instr_per_output = round(n_ins / n_out, 2)
+                if kind == "fwd":
+                    k.budget = _triton_budget("fwd", cl, dt, K, S)
+                per_kind[kind].append(k)
+                out.append(k)
+        for i, (gu, dx) in enumerate(zip(per_kind.get("gu", []), per_kind.get("dx", []))):
+            if gu.instr_per_output is None or dx.instr_per_output is None:
+                continue
+            tile = dx.kernel.split(", ")[4]
+            k = Kernel(kernel=f"triton:bwd(gu+dx)<{dt}, {'CL' if cl else 'NCHW'}, {K}, {S}, {tile}>", arch=f"sm_{arch}",
+                       mangled="", tag="triton_bwd", dtype=dt, act="relu6", K=K, S=S, estimated=True)
+            k.registers = max(gu.registers, dx.registers)
+            k.spill_bytes = gu.spill_bytes + dx.spill_bytes
+            k.warps_per_sm = min(gu.warps_per_sm, dx.warps_per_sm)
+            k.threads_per_block = dx.threads_per_block
+            k.instr_per_output = round(gu.instr_per_output / (S * S) + dx.instr_per_output, 2)
+            k.budget = _triton_budget("bwd", cl, dt, K, S)
+            out.append(k)
+    for k in out:
+        if k.budget is not None:
+            reasons = []
+            if k.instr_per_output is None or k.instr_per_output > k.budget:
+                reasons.append(f"{k.instr_per_output} instr/output > budget {k.budget}")
+            if k.spill_bytes:
+                reasons.append(f"spills ({k.spill_bytes} B)")
+            if k.warps_per_sm < 8:
+                reasons.append(f"{k.warps_per_sm} resident warps/SM < 8")
+            k.ok = not reasons
+            k.note = "; ".join(reasons)
+    return out
+
+
 def table(ks: List[Kernel]) -> str:
     rows = ["| kernel | regs | spill B | threads | warps/SM | LDG bits | STG bits | instr/output | budget | ok |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -518,7 +646,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a budgeted kernel breaks its budget or spills")
     ap.add_argument("--explain", action="store_true", help="per kernel: the counted path's opcodes per output")
+    ap.add_argument("--triton", action="store_true",
+                    help="also the Triton kernels (every autotune config; compiled here, minutes)")
+    ap.add_argument("--triton-only", action="store_true", help="only the Triton kernels (no extension needed)")
+    ap.add_argument("--quick", action="store_true", help="Triton: one class per layout, first config")
+    ap.add_argument("--check-triton", action="store_true",
+                    help="with --check: the Triton kernels' budgets fail too (reported only otherwise, until "
+                         "their rework)")
     args = ap.parse_args(argv)
+    if args.triton_only:
+        ks = triton_report(args.arch, args.quick, all_configs=not args.quick)
+        print(f"Triton {len(ks)} kernels for sm_{args.arch}")
+        return _finish(ks, args)
     so = args.so
     if so is None:
         hits = sorted(glob.glob(str(ROOT / "fastdw" / "_C*.so")))
@@ -530,13 +669,20 @@ def main(argv=None) -> int:
         so = next((h for h in hits if h.endswith(suffix)), hits[0])
     ks = report(so, args.arch, args.filter, args.explain)
     print(f"{Path(so).name}: {len(ks)} kernels for sm_{args.arch}")
+    if args.triton:
+        ks += triton_report(args.arch, args.quick, all_configs=not args.quick)
+    return _finish(ks, args)
+
+
+def _finish(ks: List[Kernel], args) -> int:
     print(table(ks))
     if args.json:
         Path(args.json).write_text(json.dumps([dict(asdict(k), kernel=k.kernel) for k in ks], indent=1))
     bad = [k for k in ks if k.ok is False]
     if bad:
         print(f"\n{len(bad)} kernels break their budget:", *(f"  {k.kernel}: {k.note}" for k in bad), sep="\n")
-    return 1 if (args.check and bad) else 0
+    held = [k for k in bad if args.check_triton or not k.kernel.startswith("triton:")]
+    return 1 if (args.check and held) else 0
 
 
 if __name__ == "__main__":

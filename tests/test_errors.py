@@ -211,3 +211,26 @@ def test_valid_edge_cases_do_not_raise():
     assert OP(x, torch.randn(C, 1, 5, 5), None, None, [1, 1], [1, 1], [1, 1], "none").shape == (2, C, 1, 1)
     assert fastdw.dwconv_bn_act(torch.randn(0, C, 4, 4), torch.randn(C, 1, 3, 3)).shape == (0, C, 4, 4)
     assert fastdw.dwconv_bn_act(x, torch.randn(C, 1, 1, 1), padding=0).shape == (2, C, 3, 3)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_forward_mode_ad_refused(train):
+    """The fused ops have no forward derivative: jvp (functorch or torch.autograd.forward_ad) raises
+    instead of returning a zero tangent; reverse mode and vmap are unaffected."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.randn(2, 4, 6, 5), torch.randn(4, 1, 3, 3)
+    fn = (lambda a: fastdw.dwconv_bn_act_train(a, w, act="relu")[0]) if train else \
+        (lambda a: fastdw.dwconv_bn_act(a, w, act="relu"))
+    with pytest.raises(NotImplementedError, match="forward-mode AD .* is not supported"):
+        torch.func.jvp(fn, (x,), (torch.randn_like(x),))
+    with pytest.raises(NotImplementedError, match="forward-mode AD .* is not supported"):
+        torch.func.jvp(lambda ww: fastdw.dwconv_bn_act(x, ww, act="relu"), (w,), (torch.randn_like(w),))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fn(fwAD.make_dual(x, torch.randn_like(x)))
+        torch.testing.assert_close(fn(x), fn(x.clone()))  # no tangent on any input: runs
+    y = torch.func.vmap(fn)(x[None])[0]
+    torch.testing.assert_close(y, fn(x))
+    (g,) = torch.autograd.grad(fn(x.requires_grad_()).sum(), [x])
+    assert g.shape == x.shape
