@@ -22,8 +22,10 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiled launch path, not the interpreter's
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's fastdw, installed or not
 
 import torch  # noqa: E402
 
