@@ -112,6 +112,11 @@ def resolve_padding(padding, x: torch.Tensor, weight: torch.Tensor, stride: Sequ
                      f"'valid'; got {padding!r}")
 
 
+# Eager tensors (not fake, functional or other subclasses): their sizes are plain ints, and
+# nothing but the op's own kernel needs to see a call on them.
+EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout rule, mirrored from csrc/dwconv_bn_act_host.h (use_channels_last).
 

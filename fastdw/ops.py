@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._utils import ACTIVATIONS, BACKENDS, IntOrPair, Padding, pair, resolve_padding
+from ._utils import ACTIVATIONS, BACKENDS, EAGER_TENSOR_TYPES as _PLAIN, IntOrPair, Padding, pair, resolve_padding
 from ._autograd import (  # noqa: F401 -- re-exported: fastdw.ops.fake_forward etc. stay importable
     double_backward,
     fake_backward,
@@ -272,9 +272,6 @@ def dwconv_bn_act(
     if not HAS_OPS:
         raise _missing_ext_error()
     return _fwd_op(x, weight, scale, shift, stride, padding, dilation, act)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _eager_direct(x, *tensors) -> int:

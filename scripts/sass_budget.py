@@ -490,18 +490,11 @@ def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> Li
                 if n_out > 0:
                     k.instr_per_output = round(n_ins / n_out, 2)
                 if k.budget is not None:
-                    reasons = []
-                    if k.instr_per_output is None or k.instr_per_output > k.budget:
-                        reasons.append(f"{k.instr_per_output} instr/output > budget {k.budget}")
-                    if sp > k.spill_instr_sub:  # (a subroutine's spill runs only on its rare slow path)
-                        reasons.append(f"spills ({sp} STL/LDL, {k.spill_bytes} B)")
-                    if k.fast_path and k.warps_per_sm < 8:
-                        reasons.append(f"{k.warps_per_sm} resident warps/SM < 8")
-                    if k.fast_path and k.dtype in ("c10::Half", "c10::BFloat16") and k.tag == "FwdWin" and \
-                            (set(ld) - {128} or set(st) - {128}):
-                        reasons.append(f"global loads {ld} / stores {st} bits, not all 128")
-                    k.ok = not reasons
-                    k.note = "; ".join(reasons)
+                    narrow = k.fast_path and k.dtype in ("c10::Half", "c10::BFloat16") and k.tag == "FwdWin" and \
+                        (set(ld) - {128} or set(st) - {128})
+                    # (a subroutine's spill runs only on its rare slow path)
+                    _judge(k, f"spills ({sp} STL/LDL, {k.spill_bytes} B)" if sp > k.spill_instr_sub else None,
+                           k.fast_path, [f"global loads {ld} / stores {st} bits, not all 128"] if narrow else [])
                 kernels.append(k)
     return kernels
 
@@ -614,16 +607,23 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
             out.append(k)
     for k in out:
         if k.budget is not None:
-            reasons = []
-            if k.instr_per_output is None or k.instr_per_output > k.budget:
-                reasons.append(f"{k.instr_per_output} instr/output > budget {k.budget}")
-            if k.spill_bytes:
-                reasons.append(f"spills ({k.spill_bytes} B)")
-            if k.warps_per_sm < 8:
-                reasons.append(f"{k.warps_per_sm} resident warps/SM < 8")
-            k.ok = not reasons
-            k.note = "; ".join(reasons)
+            _judge(k, f"spills ({k.spill_bytes} B)" if k.spill_bytes else None, True, [])
     return out
+
+
+def _judge(k: Kernel, spill: Optional[str], check_warps: bool, more: List[str]) -> None:
+    """k.ok and k.note of a budgeted kernel: its instructions per output against the budget, the
+    spill (a description, or None), fewer than 8 resident warps per SM (when check_warps), and the
+    caller's other reasons."""
+    reasons = []
+    if k.instr_per_output is None or k.instr_per_output > k.budget:
+        reasons.append(f"{k.instr_per_output} instr/output > budget {k.budget}")
+    if spill:
+        reasons.append(spill)
+    if check_warps and k.warps_per_sm < 8:
+        reasons.append(f"{k.warps_per_sm} resident warps/SM < 8")
+    k.ok = not (reasons + more)
+    k.note = "; ".join(reasons + more)
 
 
 def table(ks: List[Kernel]) -> str:

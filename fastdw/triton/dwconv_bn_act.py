@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .._utils import (
     ACTIVATIONS,
+    EAGER_TENSOR_TYPES as _PLAIN,
     check_args,
     check_channel_vectors,
     check_train_args,
@@ -65,8 +66,6 @@ OP_KIND = "custom_op (interpreter)" if INTERPRET else "triton_op"
 AUTOTUNE = not INTERPRET and os.environ.get("FASTDW_TRITON_AUTOTUNE", "1") != "0"
 
 _ACT_ID = {a: i for i, a in enumerate(ACTIVATIONS)}  # none, relu, relu6, hardswish, silu
-# eager tensors (not fake, functional or other subclasses): their sizes are plain ints
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # ------------------------------------------------------------------------------------------
@@ -405,7 +404,7 @@ def _dwconv_train_stats_kernel(
 # ------------------------------------------------------------------------------------------
 # Configs and autotuning. Keys: batch, channel and spatial size buckets, stride, kernel size (and,
 # added by Triton, the tensors' dtypes) -- what changes the best tile, nothing that varies per call.
-# Three rules keep autotuning from changing results or failing (see _pick):
+# Three rules keep autotuning from changing results or failing (see _run):
 #   * deterministic mode (torch.use_deterministic_algorithms(True), FASTDW_DETERMINISTIC=1, or the
 #     backward ops' `deterministic` argument) launches the pinned kernels, the first config of each
 #     list: the backward's partial sums are grouped by tile, so their bits would otherwise depend on
@@ -471,43 +470,33 @@ _PINNED = {id(t): _pinned_table(k, t) for k, t in ((_dwconv_fwd_kernel, _FWD), (
 _TUNED_KEYS: set = set()
 
 
-def _pick(table, cl, key, x, deterministic):
-    """The kernel to launch from `table` (_FWD, ...): the autotuned one, or the pinned one in
-    deterministic mode and for a key not yet tuned while the stream is being captured. `key`
-    determines what Triton's autotuner keys on (its key arguments and the tensor arguments'
-    dtypes)."""
-    kernel = table[cl]
-    pinned = _PINNED[id(table)]
-    if pinned is table:
-        return kernel
-    if deterministic:
-        return pinned[cl]
-    if type(x) not in _PLAIN:  # traced by torch.compile: Inductor tunes user kernels itself
-        return kernel
-    if (kernel, key) not in _TUNED_KEYS and _capturing(x):
-        return pinned[cl]
-    return kernel
-
-
 def _capturing(x) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _run(table, grid, args, consts, x, k, deterministic=None):
-    """Launch the kernel _pick chooses for the launch's plan `k` (_common) with positional `args`
-    and constexpr keyword arguments `consts`. deterministic None: deterministic_requested()."""
+    """Launch a kernel of `table` (_FWD, ...) for the launch's plan `k` (_common) with positional
+    `args` and constexpr keyword arguments `consts`: the autotuned one, or the pinned one in
+    deterministic mode (None: deterministic_requested()) and for a key not yet tuned while the
+    stream is being captured. Traced calls (torch.compile) take the autotuned one: Inductor tunes
+    user kernels itself."""
     cl = k["cl"]
+    kernel, pinned = table[cl], _PINNED[id(table)]
     key = None
-    if _PINNED[id(table)] is not table:
+    if pinned is not table:
         if deterministic is None:
             deterministic = deterministic_requested()
-        if not deterministic:
-            # the buckets, the constexprs (SH, KH, KW, and the flags that choose which tensors are
-            # dummies) and the dtypes of x and the parameters fix every tensor argument's dtype
+        if deterministic:
+            kernel = pinned[cl]
+        elif type(x) in _PLAIN:
+            # what Triton's autotuner keys on: the buckets, the constexprs (SH, KH, KW, and the flags
+            # that choose which tensors are dummies) and the dtypes of x and the parameters, which
+            # fix every tensor argument's dtype
             key = (k["buckets"], tuple(consts.values()), x.dtype, k["wt"].dtype, k["s"].dtype, k["b"].dtype)
-    kernel = _pick(table, cl, key, x, deterministic)
+            if (kernel, key) not in _TUNED_KEYS and _capturing(x):
+                kernel, key = pinned[cl], None
     _launch(kernel)[grid](*args, **consts)
-    if key is not None and kernel is table[cl] and type(x) in _PLAIN:
+    if key is not None:
         _TUNED_KEYS.add((kernel, key))  # after the launch: a failed first launch tuned nothing
 
 
@@ -944,7 +933,7 @@ def _fwd_fake(x, weight, scale, shift, stride, padding, dilation, act):
 
 def _bwd_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
     out = AG.fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
-                        deterministic)
+                           deterministic)
     _check_triton_limits(x)
     return out
 
@@ -974,7 +963,7 @@ def _train_fwd_fake(x, weight, bias, gamma, beta, stride, padding, dilation, eps
 def _train_bwd_fake(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps,
                     act, output_mask, deterministic):
     out = AG.fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding,
-                              dilation, eps, act, output_mask, deterministic)
+                                 dilation, eps, act, output_mask, deterministic)
     _check_triton_limits(x)
     return out
 
