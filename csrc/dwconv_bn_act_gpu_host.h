@@ -188,7 +188,7 @@ void launch_scalar_win(const GpuFwdPlan& g, Exec&& exec) {
     a.div_dw = kern::FastDiv(static_cast<uint32_t>(p.dil_w));
     a.div_tw = kern::FastDiv(static_cast<uint32_t>(grid.cols));
     a.div_th = kern::FastDiv(static_cast<uint32_t>(grid.rows));
-    const int64_t n = p.N * p.C * grid.rows * grid.cols;  // = fwd_scalar_win_threads(p, TH, TW)
+    const int64_t n = kern::fwd_scalar_win_threads(p, TH, TW);  // the grid above, every phase
     const bool smooth = p.act == Act::Hardswish || p.act == Act::Silu;
     // dilated: one instantiation for every activation (the phase set-up compiled in only there)
     const bool dil = p.dil_h != 1 || p.dil_w != 1;

@@ -110,15 +110,51 @@ def test_budget_counting_is_not_vacuous():
     assert total == 9 and n_out == 8 and n_ins == 6 and st == [128] and not est
 
 
+def test_loop_counting_takes_the_steady_state():
+    """A loop is counted one iteration at a time on its best path: of two store loops (a
+    bounds-checked copy at 0x00-0x70 with one extra instruction, an interior one at 0x80-0xf0) the
+    cheaper per output; inside it the arm that stores (the skipped store is not the steady state)
+    and, among the storing paths, not the slow-path arm with its CALL; the loop's exit not taken."""
+    sass = "\n".join([
+        "        Function : k",
+        "        /*0000*/                   FFMA R2, R3, R4, R5 ;",
+        "        /*0010*/                   IADD3 R1, R1, 0x1, RZ ;",
+        "        /*0020*/                   FFMA R2, R3, R4, R2 ;",
+        "        /*0030*/                   STG.E desc[UR4][R6.64], R2 ;",
+        "        /*0040*/                   ISETP.GE.AND P0, PT, R1, RZ, PT ;",
+        "        /*0050*/               @P0 BRA 0x70 ;",
+        "        /*0060*/                   FFMA R2, R3, R4, R2 ;",
+        "        /*0070*/               @P1 BRA 0x0 ;",
+        "        /*0080*/                   FFMA R2, R3, R4, R5 ;",
+        "        /*0090*/               @P2 BRA 0xc0 ;",
+        "        /*00a0*/                   FCHK P3, R2, R3 ;",
+        "        /*00b0*/                   CALL.REL.NOINC 0x200 ;",
+        "        /*00c0*/               @P3 BRA 0xe0 ;",
+        "        /*00d0*/                   STG.E desc[UR4][R6.64], R2 ;",
+        "        /*00e0*/               @P4 BRA 0x300 ;",
+        "        /*00f0*/               @P1 BRA 0x80 ;",
+        "        /*0100*/                   EXIT ;",
+        "        /*0110*/                   BRA 0x110 ;",
+    ])
+    f = sb.parse_sass(sass)["k"]
+    total, n_ins, n_out, est, ld, st, sp = sb.analyse(f, 4, None)
+    # interior loop: FFMA, @P2 BRA (taken past the slow path), @P3 BRA (falls through), STG,
+    # @P4 BRA (exit, not taken), the back branch: 6 instructions for one fp32 output
+    assert total == 17 and n_out == 1 and n_ins == 6 and st == [32] and not est
+    assert sb._LAST_PATH == ["FFMA", "BRA", "BRA", "STG.E", "BRA", "BRA"]
+
+
 def test_fused_backward_kernels(bwd_kernels):
-    """The fused 3x3 backward (issue 15), counted per dx element: every variant (3 dtypes x stride
-    1 / 2 x both layouts x ReLU family / smooth activations x inference / training) is there,
-    keeps 8+ warps per SM and does not spill in its body, except a ratchet on the channels_last
-    kernels that ptxas holds at 168 registers (at most 8 bytes, 4 STL/LDL per thread of 64 or 128
-    dx elements). Held to the issue's budget where it is met today: every stride-2 kernel
-    (<= 60 per dx element, training 63) and the NCHW fp32 stride-1 class (<= 60 / 63); the
-    other stride-1 kernels (NCHW fp16/bf16 57-74, channels_last 75-95, budget 40-60) are
-    reported by scripts/sass_budget.py and not yet held (issue 15 stays open)."""
+    """The fused 3x3 backward (issue 15), counted per dx element over an iteration of its row
+    loop: every variant (3 dtypes x stride 1 / 2 x both layouts x ReLU family / smooth
+    activations x inference / training) is there, is a loop (not a tile unrolled into tens of
+    thousands of instructions), keeps 8+ warps per SM and does not spill in its body, except a
+    ratchet on the channels_last kernels (at most 8 bytes, 4 STL/LDL per thread of 64 or 128 dx
+    elements). Held to the issue's budget where it is met today: every stride-2 kernel (<= 60 per
+    dx element, training 63), every fp32 kernel (<= 60 / 63) and the NCHW fp16/bf16 stride-1
+    ReLU family; the others (NCHW fp16/bf16 hardswish / silu ~69 against 60, channels_last
+    fp16/bf16 stride 1 ~55-76 against 40) are reported by scripts/sass_budget.py and not yet
+    held (issue 15 stays open)."""
     assert len(bwd_kernels) == 48, sorted(k.kernel for k in bwd_kernels)
     for k in bwd_kernels:
         dtype, K, S, cl, smooth, train = k.kernel[k.kernel.index("<") + 1:-1].split(", ")
@@ -130,8 +166,9 @@ def test_fused_backward_kernels(bwd_kernels):
             assert body_spills <= 4 and k.spill_bytes <= 8, (k.kernel, body_spills, k.spill_bytes)
         else:
             assert body_spills == 0, (k.kernel, body_spills)
-        if k.S == 2 or (dtype == "float" and not cl):
+        if k.S == 2 or dtype == "float" or (not cl and smooth == "false"):
             assert k.instr_per_output <= k.budget, (k.kernel, k.instr_per_output, k.budget)
+        assert k.instr_total < 16000, (k.kernel, k.instr_total)
         assert k.warps_per_sm >= 8, (k.kernel, k.warps_per_sm)
 
 
