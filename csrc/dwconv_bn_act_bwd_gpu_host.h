@@ -190,75 +190,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_train_bwd(
                           {need_dx, need_dw, false, false});
   const DwConvParams& p = g.f.args.p;
   const auto f32 = g.f.x.options().dtype(at::kFloat);
-  at::Tensor dg = at::zeros({p.C}, f32), db = at::zeros({p.C}, f32);
-  const int64_t M = p.N * p.OH * p.OW;
-  if (M > 0 && p.C > 0) {
-    // The per-channel algebra in double: invstd, and below the sums and the dz coefficients.
-    const auto f64 = f32.dtype(at::kDouble);
-    const at::Tensor invstd = (var.to(at::kFloat).to(at::kDouble) + eps).rsqrt();
-    const at::Tensor gam = present(gamma) ? gamma->to(at::kDouble) : at::ones({p.C}, f64);
-    const at::Tensor center = mean.to(at::kFloat).contiguous();
-    const at::Tensor scale_d = gam * invstd;
-    const at::Tensor scale = scale_d.to(at::kFloat).contiguous();
-    const at::Tensor shift = present(beta) ? beta->to(at::kFloat).contiguous() : at::zeros({p.C}, f32);
-    ensure_packed(g.f, exec);
-    kern::Args a = g.f.args;
-    a.scale = scale.const_data_ptr<float>();
-    a.shift = shift.const_data_ptr<float>();
-    a.center = center.const_data_ptr<float>();
-    // Pass A: per-chunk sums of gu * (z - mean) and gu, summed over the chunks in order.
-    const bool vec = train_vec_ok(p, static_cast<int>(g.f.x.element_size()), p.x_ptr, g.dy.const_data_ptr());
-    const int64_t V = vec ? 16 / g.f.x.element_size() : 1;
-    int64_t nchunks = 0, rpc = 1;
-    kern::train_chunks(p.N * p.OH, p.C / V, nchunks, rpc);
-    at::Tensor part = at::empty({nchunks, 2, p.C}, f64);
-    kern::StatArgs ra{a, g.dy.const_data_ptr(), part.data_ptr<double>(), rpc};
-    gpu_dtype_switch(g.f.x.scalar_type(), [&](auto t) {
-      using scalar_t = decltype(t);
-      act_switch(p.act, [&](auto ac) {
-        constexpr Act A = decltype(ac)::value;
-        if (vec) {
-          exec(kern::TrainBwdReduce<scalar_t, A, true>{}, ra, nchunks * (p.C / V));
-        } else {
-          exec(kern::TrainBwdReduce<scalar_t, A, false>{}, ra, nchunks * p.C);
-        }
-      });
-    });
-    const at::Tensor S = part.select(1, 0).sum(0), B = part.select(1, 1).sum(0);
-    dg = (invstd * S).to(at::kFloat);
-    db = B.to(at::kFloat);
-    if (need_dx || need_dw) {
-      // Pass B: dz = scale * gu + lin * (z - mean) + cst into g.gu, then dx / dweight with scale 1.
-      const double invM = 1.0 / static_cast<double>(M);
-      at::Tensor lin = -(gam * invstd.pow(3) * S);
-      if (present(grad_var)) lin = lin + 2.0 * grad_var->to(at::kDouble);
-      lin = (lin * invM).to(at::kFloat).contiguous();
-      at::Tensor cst = -(scale_d * B);
-      if (present(grad_mean)) cst = cst + grad_mean->to(at::kDouble);
-      cst = (cst * invM).to(at::kFloat).contiguous();
-      kern::BwdArgs bz = g.b;
-      bz.a = a;
-      bz.a.lin = lin.const_data_ptr<float>();
-      bz.a.cst = cst.const_data_ptr<float>();
-      if (g.fused) {
-        schedule_bwd_fused<true>(g, bz.a, exec);
-      } else {
-        gpu_dtype_switch(g.f.x.scalar_type(), [&](auto t) {
-        using scalar_t = decltype(t);
-          act_switch(p.act, [&](auto ac) { exec(kern::TrainBwdDz<scalar_t, decltype(ac)::value>{}, bz, g.n_out); });
-        });
-        schedule_bwd_rest(g, exec);
-      }
-    }
-  } else {
-    if (need_dx) g.dx.zero_();
-    if (need_dw) g.dw.zero_();
-  }
   const auto dg_dtype = present(gamma) ? gamma->scalar_type() : at::kFloat;
   const auto db_dtype = present(beta) ? beta->scalar_type() : at::kFloat;
   const auto opts = g.f.x.options();
-  return {g.dx, g.dw, need_dg ? dg.to(dg_dtype) : at::empty({0}, opts.dtype(dg_dtype)),
-          need_db ? db.to(db_dtype) : at::empty({0}, opts.dtype(db_dtype))};
+  const int64_t M = p.N * p.OH * p.OW;
+  if (M == 0 || p.C == 0) {
+    if (need_dx) g.dx.zero_();
+    if (need_dw) g.dw.zero_();
+    return {g.dx, g.dw, need_dg ? at::zeros({p.C}, opts.dtype(dg_dtype)) : at::empty({0}, opts.dtype(dg_dtype)),
+            need_db ? at::zeros({p.C}, opts.dtype(db_dtype)) : at::empty({0}, opts.dtype(db_dtype))};
+  }
+  // The per-channel algebra runs in two small kernels, in double (no host tensor ops):
+  // TrainBwdPrep (scale, shift, center) before pass A, TrainBwdFinish (dgamma, dbeta, lin, cst)
+  // after it.
+  at::Tensor coef = at::empty({5, p.C}, f32);
+  const float* cf = coef.const_data_ptr<float>();
+  at::Tensor dg = at::empty({need_dg ? p.C : 0}, opts.dtype(dg_dtype));
+  at::Tensor db = at::empty({need_db ? p.C : 0}, opts.dtype(db_dtype));
+  kern::TrainFinishArgs fa;
+  fa.C = p.C;
+  fa.eps = eps;
+  fa.invM = 1.0 / static_cast<double>(M);
+  fa.gamma = chan_param(gamma);
+  fa.beta = chan_param(beta);
+  fa.mean = chan_param(mean);
+  fa.var = chan_param(var);
+  fa.grad_mean = chan_param(grad_mean);
+  fa.grad_var = chan_param(grad_var);
+  fa.coef = coef.data_ptr<float>();
+  fa.dgamma = need_dg ? dg.data_ptr() : nullptr;
+  fa.dbeta = need_db ? db.data_ptr() : nullptr;
+  fa.dg_dtype = dtype_code(dg_dtype);
+  fa.db_dtype = dtype_code(db_dtype);
+  exec(kern::TrainBwdPrep{}, fa, p.C);
+  ensure_packed(g.f, exec);
+  kern::Args a = g.f.args;
+  a.scale = cf;
+  a.shift = cf + p.C;
+  a.center = cf + 2 * p.C;
+  // Pass A: per-chunk sums of gu * (z - mean) and gu, then the chunks summed in a fixed order.
+  const bool vec = train_vec_ok(p, static_cast<int>(g.f.x.element_size()), p.x_ptr, g.dy.const_data_ptr());
+  const int64_t V = vec ? 16 / g.f.x.element_size() : 1;
+  int64_t nchunks = 0, rpc = 1;
+  kern::train_chunks(p.N * p.OH, p.C / V, nchunks, rpc);
+  at::Tensor part = at::empty({nchunks, 2, p.C}, f32.dtype(at::kDouble));
+  kern::StatArgs ra{a, g.dy.const_data_ptr(), part.data_ptr<double>(), rpc};
+  gpu_dtype_switch(g.f.x.scalar_type(), [&](auto t) {
+    using scalar_t = decltype(t);
+    act_switch(p.act, [&](auto ac) {
+      constexpr Act A = decltype(ac)::value;
+      if (vec) {
+        exec(kern::TrainBwdReduce<scalar_t, A, true>{}, ra, nchunks * (p.C / V));
+      } else {
+        exec(kern::TrainBwdReduce<scalar_t, A, false>{}, ra, nchunks * p.C);
+      }
+    });
+  });
+  fa.part = part.const_data_ptr<double>();
+  fa.nchunks = nchunks;
+  kern::sqrt_groups(nchunks, fa.ngroups, fa.group);
+  at::Tensor gpart = at::empty({fa.ngroups, 2, p.C}, f32.dtype(at::kDouble));
+  fa.gpart = gpart.data_ptr<double>();
+  exec(kern::TrainBwdGroups{}, fa, fa.ngroups * 2 * p.C);
+  exec(kern::TrainBwdFinish{}, fa, p.C);
+  if (need_dx || need_dw) {
+    // Pass B: dz = scale * gu + lin * (z - mean) + cst, then dx / dweight with scale 1.
+    kern::BwdArgs bz = g.b;
+    bz.a = a;
+    bz.a.lin = cf + 3 * p.C;
+    bz.a.cst = cf + 4 * p.C;
+    if (g.fused) {
+      schedule_bwd_fused<true>(g, bz.a, exec);
+    } else {
+      gpu_dtype_switch(g.f.x.scalar_type(), [&](auto t) {
+        using scalar_t = decltype(t);
+        act_switch(p.act, [&](auto ac) { exec(kern::TrainBwdDz<scalar_t, decltype(ac)::value>{}, bz, g.n_out); });
+      });
+      schedule_bwd_rest(g, exec);
+    }
+  }
+  return {g.dx, g.dw, dg, db};
 }
 
 }  // namespace fastdw

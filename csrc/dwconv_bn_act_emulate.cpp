@@ -94,6 +94,31 @@ std::vector<std::string> emulated_bwd_launches(const at::Tensor& grad_out, const
   return names;
 }
 
+// The kernels the GPU training op launches (forward, backward), in order. The host code reads
+// nothing back between launches, so it runs as it would with the kernels left out.
+std::vector<std::string> emulated_train_fwd_launches(const at::Tensor& x, const at::Tensor& weight,
+                                                     const c10::optional<at::Tensor>& bias,
+                                                     const c10::optional<at::Tensor>& gamma,
+                                                     const c10::optional<at::Tensor>& beta, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding, at::IntArrayRef dilation, double eps,
+                                                     c10::string_view act) {
+  std::vector<std::string> names;
+  run_train_fwd(x, weight, bias, gamma, beta, stride, padding, dilation, eps, std::string(act), ListExec{&names});
+  return names;
+}
+
+std::vector<std::string> emulated_train_bwd_launches(
+    const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_mean, const c10::optional<at::Tensor>& grad_var,
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& gamma,
+    const c10::optional<at::Tensor>& beta, const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, double eps, c10::string_view act,
+    std::array<bool, 4> output_mask) {
+  std::vector<std::string> names;
+  run_train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding, dilation, eps,
+                std::string(act), output_mask, ListExec{&names});
+  return names;
+}
+
 inline bool p_is_cl(const GpuFwdPlan& g) { return g.args.p.channels_last; }
 
 // "" without dilation, "d2" for dilation (2, 2), "d2x4" for (2, 4)
@@ -133,6 +158,8 @@ TORCH_LIBRARY_IMPL(fastdw, CPU, m) {
   m.impl("_dwconv_bn_act_backward_gpu_launches", &emulated_bwd_launches);
   m.impl("_dwconv_bn_act_train_gpu_emulated", &emulated_train_fwd);
   m.impl("_dwconv_bn_act_train_backward_gpu_emulated", &emulated_train_bwd);
+  m.impl("_dwconv_bn_act_train_gpu_launches", &emulated_train_fwd_launches);
+  m.impl("_dwconv_bn_act_train_backward_gpu_launches", &emulated_train_bwd_launches);
 }
 
 }  // namespace fastdw

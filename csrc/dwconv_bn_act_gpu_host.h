@@ -1,11 +1,10 @@
 // Host-side planning for the GPU kernels (dwconv_bn_act_kernels.h): argument checks, output and
-// workspace allocation, fp32 copies of the per-channel data, and the choice of forward path.
+// workspace allocation, the packed per-channel parameters, and the choice of forward path.
 // Shared by the CUDA host entries (*.cu) and the CPU emulation of the GPU kernels
 // (dwconv_bn_act_emulate.cpp), so the emulation tests the very same plan.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
@@ -21,7 +20,6 @@ namespace fastdw {
 struct GpuFwdPlan {
   at::Tensor x, out;
   at::Tensor packed;        // (KH*KW + 2, C) fp32: weight taps, scale, shift (kern::PackParams)
-  at::Tensor scale, shift;  // set_affine's fp32 copies (training), else undefined
   kern::Args args{};
   kern::PackArgs pack{};
   bool packed_done = false;  // the pack kernel has been scheduled
@@ -29,26 +27,6 @@ struct GpuFwdPlan {
 };
 
 inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::kBFloat16 ? 2 : 0); }
-
-// Replaces the per-channel affine of a plan (training: scale = gamma * invstd and shift = beta,
-// computed on the device) by fp32 contiguous copies; absent: scale 1, shift 0.
-inline void set_affine(GpuFwdPlan& g, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
-  DwConvParams& p = g.args.p;
-  const auto f32 = g.x.options().dtype(at::kFloat);
-  // fp32, contiguous and 16-byte aligned (the vector kernels load them 16 bytes at a time): a
-  // user's tensor that is already fp32 and contiguous may start anywhere (a view into a flat
-  // parameter buffer), so it is copied then.
-  const auto aligned = [&](at::Tensor t) {
-    t = t.to(at::kFloat).contiguous();
-    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
-  };
-  g.scale = (scale.has_value() && scale->defined()) ? aligned(*scale) : at::ones({p.C}, f32);
-  g.shift = (shift.has_value() && shift->defined()) ? aligned(*shift) : at::zeros({p.C}, f32);
-  p.scale_ptr = g.scale.const_data_ptr();
-  p.shift_ptr = g.shift.const_data_ptr();
-  g.args.scale = g.scale.const_data_ptr<float>();
-  g.args.shift = g.shift.const_data_ptr<float>();
-}
 
 // Weight, scale and shift that already are the packed buffer (fastdw.prepack_params, what a
 // module caches): fp32 views of one (KH*KW + 2, C) layout, weight tap-major at a 16-byte aligned

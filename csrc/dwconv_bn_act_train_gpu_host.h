@@ -1,12 +1,10 @@
 // Host side of the GPU training op (fastdw::dwconv_bn_act_train and its backward): checks, the
-// launches of dwconv_bn_act_train_kernels.h, and the per-channel algebra between them (merging
-// the chunk statistics, BatchNorm folding, the dz coefficients) as (C,)-sized tensor ops on the
-// same device and stream. Shared by the CUDA host entries and the CPU emulation.
+// launches of dwconv_bn_act_train_kernels.h in order (the per-channel algebra between the passes,
+// merging the chunk statistics, BatchNorm folding, the dz coefficients, is kernels too: no tensor
+// op runs between the launches). Shared by the CUDA host entries and the CPU emulation.
 #pragma once
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Optional.h>
 
@@ -30,7 +28,29 @@ inline bool train_vec_ok(const DwConvParams& p, int elem_size, const void* a, co
          (b == nullptr || reinterpret_cast<uintptr_t>(b) % 16 == 0);
 }
 
-// Forward: (y, mean + bias, biased var); launches go through exec (CUDA or CPU emulation).
+// The kernels' view of an optional (C,) tensor (checked by check_vector_param: fp32 or x's dtype).
+inline kern::ChanParam chan_param(const c10::optional<at::Tensor>& t) {
+  kern::ChanParam c;
+  if (!present(t)) return c;
+  c.p = t->const_data_ptr();
+  c.stride = t->stride(0);
+  c.dtype = dtype_code(t->scalar_type());
+  return c;
+}
+
+// The finish arguments over the chunk sums `part` ((nchunks, R, C) in double).
+inline kern::TrainFinishArgs train_finish_args(const DwConvParams& p, const at::Tensor& part, double eps) {
+  kern::TrainFinishArgs f;
+  f.part = part.const_data_ptr<double>();
+  f.C = p.C;
+  f.nchunks = part.size(0);
+  kern::sqrt_groups(f.nchunks, f.ngroups, f.group);
+  f.eps = eps;
+  return f;
+}
+
+// Forward: (y, mean + bias, biased var); launches go through exec (CUDA or CPU emulation):
+// PackParams, TrainStats, TrainStatGroups, TrainStatFinish, the forward kernel.
 template <typename Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -60,21 +80,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
       exec(kern::TrainStats<scalar_t, false>{}, sa, nchunks * p.C);
     }
   });
-  // Chan et al.'s merge of the chunks, in double, in a fixed order (no atomics anywhere).
-  const at::Tensor& pd = part;
-  const at::Tensor cnt = pd.select(1, 0), pm = pd.select(1, 1), pq = pd.select(1, 2);
-  const at::Tensor total = cnt.sum(0);
-  const at::Tensor mean_d = (cnt * pm).sum(0) / total;
-  const at::Tensor var_d = (pq.sum(0) + (cnt * (pm - mean_d).square()).sum(0)) / total;
-  const at::Tensor mean = mean_d.to(at::kFloat), var = var_d.to(at::kFloat);
-  // invstd in double from the returned (rounded) variance, as the backward computes it.
-  const at::Tensor invstd = (var.to(at::kDouble) + eps).rsqrt();
-  const at::Tensor scale = (present(gamma) ? gamma->to(at::kDouble) * invstd : invstd).to(at::kFloat);
-  // The statistics plan already holds x, y and the weights: only the affine changes.
-  set_affine(s, scale, beta);
-  s.args.center = mean.const_data_ptr<float>();
+  // The chunks merged in double in a fixed order, and the per-channel algebra, by two small
+  // kernels (no atomics, no host tensor ops): mean, var, and the packed parameters' scale and
+  // shift rows (the statistics plan already holds x, y and the weights: only the affine changes).
+  kern::TrainFinishArgs fa = train_finish_args(p, part, eps);
+  at::Tensor gpart = at::empty({fa.ngroups, 3, p.C}, f32.dtype(at::kDouble));
+  fa.gpart = gpart.data_ptr<double>();
+  at::Tensor mean_out = at::empty({p.C}, f32), var_out = at::empty({p.C}, f32);
+  at::Tensor center = present(bias) ? at::empty({p.C}, f32) : mean_out;
+  fa.bias = chan_param(bias);
+  fa.gamma = chan_param(gamma);
+  fa.beta = chan_param(beta);
+  fa.mean_out = mean_out.data_ptr<float>();
+  fa.center = center.data_ptr<float>();
+  fa.var_out = var_out.data_ptr<float>();
+  float* pk = s.packed.data_ptr<float>();  // never a user's buffer here: plan_fwd got no scale / shift
+  fa.scale_row = pk + p.KH * p.KW * p.C;
+  fa.shift_row = pk + (p.KH * p.KW + 1) * p.C;
+  exec(kern::TrainStatGroups{}, fa, fa.ngroups * p.C);
+  exec(kern::TrainStatFinish{}, fa, p.C);
+  s.args.center = center.const_data_ptr<float>();
   schedule_fwd</*kCenter=*/true>(s, exec);
-  return {s.out, present(bias) ? mean + bias->to(at::kFloat) : mean, var};
+  return {s.out, mean_out, var_out};
 }
 
 }  // namespace fastdw

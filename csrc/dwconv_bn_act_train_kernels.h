@@ -5,14 +5,21 @@
 // Forward: 1. TrainStats: per (chunk of output rows, channel or channel vector), the count, mean
 //             and M2 = sum (z - mean)^2 of z = conv(x) by the shifted-data algorithm (shift =
 //             the chunk's first z: no sum / sum-of-squares cancellation); see train_stats;
-//          2. (host) the chunks merged in order (Chan et al.) -> batch mean, biased variance;
+//          2. TrainStatGroups, TrainStatFinish: the chunks merged in double, in a fixed order
+//             (groups of about sqrt(chunks), then the groups) -> batch mean, biased variance,
+//             and the per-channel algebra: scale = gamma * invstd and shift = beta written into
+//             the packed parameters, mean + bias;
 //          3. the inference forward (FwdVec / FwdGeneral) with center = mean, scale = gamma *
 //             invstd, shift = beta: the conv is recomputed, nothing is stored in between.
-// Backward (bodies in dwconv_bn_act_bwd_kernels.h):
+// Backward (pass A and B bodies in dwconv_bn_act_bwd_kernels.h, the per-channel ones here):
+//           0. TrainBwdPrep: scale, shift, center of each channel from gamma, beta, mean, var;
 //           A. TrainBwdReduce: per chunk, sum gu and sum gu * (z - mean), gu = act'(u) * dy;
+//              TrainBwdGroups, TrainBwdFinish: the chunks summed in double in a fixed order,
+//              dgamma, dbeta and the coefficients lin, cst below;
 //           B. dz = scale * gu + lin * (z - mean) + cst, folded into the fused backward (3x3) or
 //              written by TrainBwdDz (fp32, one per output) for the inference backward's dx /
 //              dweight kernels with scale 1.
+// Nothing between the launches runs on the host: a call is these launches and no tensor ops.
 #pragma once
 #include "dwconv_bn_act_kernels.h"
 
@@ -131,9 +138,172 @@ FASTDW_HD void train_chunks(int64_t rows, int64_t cvecs, int64_t& nchunks, int64
   nchunks = rows > 0 ? (rows + rows_per_chunk - 1) / rows_per_chunk : 0;
 }
 
+// Groups for a two-stage fixed-order reduction of n partial results: about sqrt(n) groups of
+// about sqrt(n) each, so both stages are short loops; fixed by the shape (never the device).
+inline void sqrt_groups(int64_t n, int64_t& ngroups, int64_t& group) {
+  int64_t g = 1;
+  while (g * g < n) ++g;
+  group = g;
+  ngroups = n > 0 ? (n + g - 1) / g : 1;
+}
+
+// A (C,) per-channel tensor as the kernels read it: any stride (0: expanded), fp32, fp16 or
+// bf16 (dtype codes of load_as_f32); p == nullptr: absent.
+struct ChanParam {
+  const void* p = nullptr;
+  int64_t stride = 0;
+  int dtype = 0;
+};
+FASTDW_HD float chan_at(const ChanParam& t, int64_t c, float absent) {
+  return t.p != nullptr ? load_as_f32(t.p, c * t.stride, t.dtype) : absent;
+}
+FASTDW_HD void store_as(void* base, int64_t idx, int dtype, float v) {
+  if (dtype == 1) {
+    static_cast<c10::Half*>(base)[idx] = static_cast<c10::Half>(v);
+  } else if (dtype == 2) {
+    static_cast<c10::BFloat16*>(base)[idx] = static_cast<c10::BFloat16>(v);
+  } else {
+    static_cast<float*>(base)[idx] = v;
+  }
+}
+
+// invstd in double from the variance as the forward returned it (fp32): 1 / sqrt, both correctly
+// rounded (the same on the host and every GPU; the sums around it may differ in the last bit of
+// a double, where nvcc contracts a multiply-add into an FMA and the host compiler does not).
+FASTDW_HD double invstd_of(const ChanParam& var, int64_t c, double eps) {
+  return 1.0 / sqrt(static_cast<double>(chan_at(var, c, 0.f)) + eps);
+}
+
+// The per-channel finish of the training forward and backward (one set of arguments for the
+// group stage and the channel stage of each).
+struct TrainFinishArgs {
+  const double* part = nullptr;  // (nchunks, R, C): forward R = 3 (count, mean, M2), backward R = 2 (S, B)
+  double* gpart = nullptr;       // (ngroups, R, C)
+  int64_t C = 0, nchunks = 0, ngroups = 0, group = 0;
+  double eps = 0.0, invM = 0.0;  // invM: 1 / (N * OH * OW)
+  ChanParam bias, gamma, beta, mean, var, grad_mean, grad_var;
+  // forward outputs: mean + bias, the mean itself (the conv's center; == mean_out without a
+  // bias), the biased variance, and the packed parameters' scale and shift rows
+  float* mean_out = nullptr;
+  float* center = nullptr;
+  float* var_out = nullptr;
+  float* scale_row = nullptr;
+  float* shift_row = nullptr;
+  // backward: coef (5, C) = scale, shift, center (TrainBwdPrep), lin, cst (TrainBwdFinish);
+  // dgamma / dbeta in their parameters' dtypes (nullptr: not wanted)
+  float* coef = nullptr;
+  void* dgamma = nullptr;
+  void* dbeta = nullptr;
+  int dg_dtype = 0, db_dtype = 0;
+};
+
+// Count, mean and M2 of the parts [t0, t1) of row block `in` (rows R, stride C), in order, by the
+// two-pass parallel-axis form: mean = sum n_i m_i / n, M2 = sum M2_i + sum n_i (m_i - mean)^2.
+FASTDW_HD void merge_stats(const double* in, int64_t t0, int64_t t1, int64_t C, int64_t c, double& n, double& mean,
+                           double& m2) {
+  double cnt = 0.0, s = 0.0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const double ni = in[(t * 3 + 0) * C + c];
+    cnt += ni;
+    s += ni * in[(t * 3 + 1) * C + c];
+  }
+  const double m = cnt > 0.0 ? s / cnt : 0.0;
+  double q = 0.0, d2 = 0.0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const double ni = in[(t * 3 + 0) * C + c], d = in[(t * 3 + 1) * C + c] - m;
+    q += in[(t * 3 + 2) * C + c];
+    d2 += ni * d * d;
+  }
+  n = cnt;
+  mean = m;
+  m2 = q + d2;
+}
+
+// Forward finish, stage 1: thread (group gi, channel c), c fastest.
+FASTDW_HD void train_stat_groups(const TrainFinishArgs& f, int64_t i) {
+  const int64_t c = i % f.C, gi = i / f.C;
+  const int64_t t0 = gi * f.group, t1 = t0 + f.group < f.nchunks ? t0 + f.group : f.nchunks;
+  double n, mean, m2;
+  merge_stats(f.part, t0, t1, f.C, c, n, mean, m2);
+  f.gpart[(gi * 3 + 0) * f.C + c] = n;
+  f.gpart[(gi * 3 + 1) * f.C + c] = mean;
+  f.gpart[(gi * 3 + 2) * f.C + c] = m2;
+}
+
+// Forward finish, stage 2: thread c: the groups merged; mean and biased variance rounded to fp32
+// (what the op returns), invstd from that variance in double, scale = gamma * invstd and shift =
+// beta into the packed parameters, mean + bias.
+FASTDW_HD void train_stat_finish(const TrainFinishArgs& f, int64_t c) {
+  double n, mean, m2;
+  merge_stats(f.gpart, 0, f.ngroups, f.C, c, n, mean, m2);
+  const float m = static_cast<float>(mean), v = static_cast<float>(m2 / n);
+  f.center[c] = m;
+  f.var_out[c] = v;
+  if (f.mean_out != f.center) f.mean_out[c] = m + chan_at(f.bias, c, 0.f);
+  const double invstd = 1.0 / sqrt(static_cast<double>(v) + f.eps);
+  const double g = f.gamma.p != nullptr ? static_cast<double>(chan_at(f.gamma, c, 1.f)) : 1.0;
+  f.scale_row[c] = static_cast<float>(g * invstd);
+  f.shift_row[c] = chan_at(f.beta, c, 0.f);
+}
+
+// Backward, before pass A: thread c: coef rows scale (gamma * invstd), shift (beta), center (mean).
+FASTDW_HD void train_bwd_prep(const TrainFinishArgs& f, int64_t c) {
+  const double g = f.gamma.p != nullptr ? static_cast<double>(chan_at(f.gamma, c, 1.f)) : 1.0;
+  f.coef[c] = static_cast<float>(g * invstd_of(f.var, c, f.eps));
+  f.coef[f.C + c] = chan_at(f.beta, c, 0.f);
+  f.coef[2 * f.C + c] = chan_at(f.mean, c, 0.f);
+}
+
+// Backward finish, stage 1: thread (group gi, row j in {S, B}, channel c), c fastest: the group's
+// chunks summed in order.
+FASTDW_HD void train_bwd_groups(const TrainFinishArgs& f, int64_t i) {
+  const int64_t c = i % f.C, j = (i / f.C) % 2, gi = i / (2 * f.C);
+  const int64_t t0 = gi * f.group, t1 = t0 + f.group < f.nchunks ? t0 + f.group : f.nchunks;
+  double s = 0.0;
+  for (int64_t t = t0; t < t1; ++t) s += f.part[(t * 2 + j) * f.C + c];
+  f.gpart[(gi * 2 + j) * f.C + c] = s;
+}
+
+// Backward finish, stage 2: thread c: S = sum gu * (z - mean), B = sum gu over the groups in
+// order; dgamma = invstd * S, dbeta = B; the coefficients of dz = scale * gu + lin * (z - mean) +
+// cst: lin = (2 * grad_var - gamma * invstd^3 * S) / M, cst = (grad_mean - scale * B) / M.
+FASTDW_HD void train_bwd_finish(const TrainFinishArgs& f, int64_t c) {
+  double S = 0.0, B = 0.0;
+  for (int64_t gi = 0; gi < f.ngroups; ++gi) {
+    S += f.gpart[(gi * 2 + 0) * f.C + c];
+    B += f.gpart[(gi * 2 + 1) * f.C + c];
+  }
+  const double invstd = invstd_of(f.var, c, f.eps);
+  const double g = f.gamma.p != nullptr ? static_cast<double>(chan_at(f.gamma, c, 1.f)) : 1.0;
+  if (f.dgamma != nullptr) store_as(f.dgamma, c, f.dg_dtype, static_cast<float>(invstd * S));
+  if (f.dbeta != nullptr) store_as(f.dbeta, c, f.db_dtype, static_cast<float>(B));
+  const double invstd3 = invstd * invstd * invstd;
+  double lin = -(g * invstd3 * S);
+  if (f.grad_var.p != nullptr) lin += 2.0 * static_cast<double>(chan_at(f.grad_var, c, 0.f));
+  double cst = -(g * invstd * B);
+  if (f.grad_mean.p != nullptr) cst += static_cast<double>(chan_at(f.grad_mean, c, 0.f));
+  f.coef[3 * f.C + c] = static_cast<float>(lin * f.invM);
+  f.coef[4 * f.C + c] = static_cast<float>(cst * f.invM);
+}
+
 template <typename scalar_t, bool kVec>
 struct TrainStats {
   static FASTDW_HD void body(const StatArgs& s, int64_t i) { train_stats<scalar_t, kVec>(s, i); }
+};
+struct TrainStatGroups {
+  static FASTDW_HD void body(const TrainFinishArgs& f, int64_t i) { train_stat_groups(f, i); }
+};
+struct TrainStatFinish {
+  static FASTDW_HD void body(const TrainFinishArgs& f, int64_t i) { train_stat_finish(f, i); }
+};
+struct TrainBwdPrep {
+  static FASTDW_HD void body(const TrainFinishArgs& f, int64_t i) { train_bwd_prep(f, i); }
+};
+struct TrainBwdGroups {
+  static FASTDW_HD void body(const TrainFinishArgs& f, int64_t i) { train_bwd_groups(f, i); }
+};
+struct TrainBwdFinish {
+  static FASTDW_HD void body(const TrainFinishArgs& f, int64_t i) { train_bwd_finish(f, i); }
 };
 
 }  // namespace kern

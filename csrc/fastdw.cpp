@@ -60,4 +60,12 @@ TORCH_LIBRARY(fastdw, m) {
   m.def(
       "_dwconv_bn_act_backward_gpu_launches(Tensor grad_out, Tensor x, Tensor weight, Tensor? scale, "
       "Tensor? shift, int[2] stride, int[] padding, int[2] dilation, str act, bool[4] output_mask) -> str[]");
+  // The same for the training op's forward and backward (its whole call: no host tensor ops).
+  m.def(
+      "_dwconv_bn_act_train_gpu_launches(Tensor x, Tensor weight, Tensor? bias, Tensor? gamma, Tensor? beta, "
+      "int[2] stride, int[] padding, int[2] dilation, float eps, str act) -> str[]");
+  m.def(
+      "_dwconv_bn_act_train_backward_gpu_launches(Tensor grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
+      "Tensor weight, Tensor? gamma, Tensor? beta, Tensor mean, Tensor var, int[2] stride, int[] padding, "
+      "int[2] dilation, float eps, str act, bool[4] output_mask) -> str[]");
 }

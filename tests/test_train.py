@@ -372,6 +372,57 @@ def test_emulated_fused_backward_tiles(layout):
     assert not fails, "\n".join(fails)
 
 
+TRAIN_LAUNCHES = torch.ops.fastdw._dwconv_bn_act_train_gpu_launches.default
+TRAIN_BWD_LAUNCHES = torch.ops.fastdw._dwconv_bn_act_train_backward_gpu_launches.default
+# allocations, views and the wrappers above the operators that write (those are counted)
+_NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::select", "aten::slice",
+              "aten::as_strided", "aten::view", "aten::alias", "aten::detach", "aten::lift_fresh",
+              "aten::expand", "aten::resize_", "aten::contiguous", "aten::to", "aten::_to_copy"}
+
+
+def _tensor_ops(fn):
+    """The ATen operators fn runs that write memory (the leaves of the profiler's tree, less
+    allocations and views): on a GPU, one launch each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()
+            if e.name.startswith("aten::") and not e.cpu_children and e.name not in _NO_KERNEL]
+
+
+@pytest.mark.parametrize("case", ["channels_last-fp32", "contiguous-fp16-params", "channels_last-bf16-noaffine"])
+def test_training_launches_without_host_tensor_ops(case):
+    """Issue 15: the training op's forward is 5 launches (parameter pack, statistics, the two
+    finish stages, the conv) and its backward 8 (coefficients, pack, pass A, its two finish
+    stages, the fused kernel and its two finish stages), with no tensor op in between (there were
+    23 and 31 (C,)-sized tensor ops: the chunk merge, the BatchNorm algebra, casts); the
+    parameters are read in place whatever their dtype and strides."""
+    layout, dt = case.split("-")[:2]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    affine = not case.endswith("noaffine")
+    x, w, b, g, be = make_train_inputs(2, 16, 12, 12, 3, dtype=dtype, layout=layout, affine=affine,
+                                       bias=affine, pdtype=dtype if case.endswith("params") else None)
+    if affine:  # a strided view and an expanded tensor
+        g = torch.stack([g, g], 1)[:, 0]
+        be = be[:1].expand(16)
+    conf = ([1, 1], [1, 1], [1, 1], 1e-5)
+    fwd = TRAIN_LAUNCHES(x, w, b, g, be, *conf, "hardswish")
+    assert fwd[:4] == ["PackParams", "TrainStats", "TrainStatGroups", "TrainStatFinish"] and len(fwd) == 5, fwd
+    assert fwd[4].startswith("Fwd"), fwd
+    y, mean, var = EMU_FWD(x, w, b, g, be, *conf, "hardswish")
+    center = mean - b.float() if b is not None else mean
+    gy, gm, gv = torch.randn_like(y), torch.randn(16), torch.randn(16)
+    bwd = TRAIN_BWD_LAUNCHES(gy, gm, gv, x, w, g, be, center, var, *conf, "hardswish", [True] * 4)
+    assert bwd == ["TrainBwdPrep", "PackParams", "TrainBwdReduce", "TrainBwdGroups", "TrainBwdFinish", "BwdFused",
+                   "BwdReduceTiles", "BwdReduceGroups"], bwd
+    assert _tensor_ops(lambda: EMU_FWD(x, w, b, g, be, *conf, "hardswish")) == []
+    assert _tensor_ops(lambda: EMU_BWD(gy, gm, gv, x, w, g, be, center, var, *conf, "hardswish", [True] * 4,
+                                       False)) == []
+    # and the values: the reference through the same views
+    assert not check_backend("emulated", (x, w, b, g, be), conf, "hardswish", case)
+
+
 def _triton_or_skip():
     if "triton" not in fastdw.available_backends():
         pytest.skip("no Triton backend here (no GPU and no TRITON_INTERPRET=1)")
