@@ -44,7 +44,7 @@ inline GpuBwdPlan plan_bwd(const at::Tensor& grad_out, const at::Tensor& x, cons
   if (g.fused) {  // no activation-sized workspace
     g.gu = at::empty({0}, f32);
     g.b.tiles = p.N * kern::bwd_row_tiles(p) * kern::bwd_col_tiles(p);
-    kern::bwd_groups(g.b.tiles, g.b.ngroups, g.b.group);
+    kern::sqrt_groups(g.b.tiles, g.b.ngroups, g.b.group);
     const int64_t R = kern::bwd_rows(3);
     g.tpart = at::empty({need_red ? g.b.tiles * R * p.C : 0}, f32);
     g.gpart = at::empty({need_red ? g.b.ngroups * R * p.C : 0}, f32.dtype(at::kDouble));
@@ -246,11 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_train_bwd(
       }
     });
   });
-  fa.part = part.const_data_ptr<double>();
-  fa.nchunks = nchunks;
-  kern::sqrt_groups(nchunks, fa.ngroups, fa.group);
-  at::Tensor gpart = at::empty({fa.ngroups, 2, p.C}, f32.dtype(at::kDouble));
-  fa.gpart = gpart.data_ptr<double>();
+  const at::Tensor gpart = attach_parts(fa, part);
   exec(kern::TrainBwdGroups{}, fa, fa.ngroups * 2 * p.C);
   exec(kern::TrainBwdFinish{}, fa, p.C);
   if (need_dx || need_dw) {

@@ -529,10 +529,6 @@ FASTDW_HD void bwd_reduce_groups(const FinishArgs& f, int64_t i) {
   }
 }
 
-// Groups of tiles for the finish: about sqrt(tiles) of about sqrt(tiles) each, so both stages are
-// short loops; fixed by the shape (never the device): bitwise repeatable.
-inline void bwd_groups(int64_t tiles, int64_t& ngroups, int64_t& group) { sqrt_groups(tiles, ngroups, group); }
-
 // Whether the fused backward serves a problem: 3x3, equal strides 1 or 2, no dilation, int32
 // offsets (fits_int32 with a tile's reach past the edges).
 inline bool bwd_fused_ok(const DwConvParams& p) {

@@ -28,6 +28,18 @@ struct GpuFwdPlan {
 
 inline int dtype_code(at::ScalarType t) { return t == at::kHalf ? 1 : (t == at::kBFloat16 ? 2 : 0); }
 
+inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The kernels' view of an optional (C,) tensor (checked by check_vector_param: fp32 or x's dtype).
+inline kern::ChanParam chan_param(const c10::optional<at::Tensor>& t) {
+  kern::ChanParam c;
+  if (!present(t)) return c;
+  c.p = t->const_data_ptr();
+  c.stride = t->stride(0);
+  c.dtype = dtype_code(t->scalar_type());
+  return c;
+}
+
 // Weight, scale and shift that already are the packed buffer (fastdw.prepack_params, what a
 // module caches): fp32 views of one (KH*KW + 2, C) layout, weight tap-major at a 16-byte aligned
 // base, scale and shift the two rows after it. The kernels then read them in place and the pack
@@ -74,13 +86,8 @@ inline GpuFwdPlan plan_fwd(const at::Tensor& x_in, const at::Tensor& weight,
   pa.w_sh = weight.stride(2);
   pa.w_sw = weight.stride(3);
   pa.w_dtype = dtype_code(weight.scalar_type());
-  const bool has_scale = scale.has_value() && scale->defined(), has_shift = shift.has_value() && shift->defined();
-  pa.scale = has_scale ? scale->const_data_ptr() : nullptr;
-  pa.scale_stride = has_scale ? scale->stride(0) : 0;
-  pa.scale_dtype = has_scale ? dtype_code(scale->scalar_type()) : 0;
-  pa.shift = has_shift ? shift->const_data_ptr() : nullptr;
-  pa.shift_stride = has_shift ? shift->stride(0) : 0;
-  pa.shift_dtype = has_shift ? dtype_code(shift->scalar_type()) : 0;
+  pa.scale = chan_param(scale);
+  pa.shift = chan_param(shift);
   pa.C = p.C;
   pa.KH = p.KH;
   pa.KW = p.KW;

@@ -654,25 +654,31 @@ constexpr int nhwc_strip_h(int) { return 16; }
 // rows 0 .. KK-1 = weight taps (KK, C) (transposed so channels are contiguous), row KK = scale,
 // row KK+1 = shift (absent: 1 and 0). Inputs: weight (C, 1, KH, KW) and scale / shift (C,) with
 // any strides, fp32 or the activation dtype. One thread per packed element.
-struct PackArgs {
-  const void* w;
-  int64_t w_sc, w_sh, w_sw;  // element strides of weight along C, KH, KW
-  int w_dtype;               // 0 fp32, 1 fp16, 2 bf16
-  const void* scale;         // nullptr: 1
-  int64_t scale_stride;
-  int scale_dtype;
-  const void* shift;         // nullptr: 0
-  int64_t shift_stride;
-  int shift_dtype;
-  int64_t C, KH, KW;
-  float* out;  // (KH*KW + 2, C)
-};
-
 FASTDW_HD float load_as_f32(const void* base, int64_t idx, int dtype) {
   if (dtype == 1) return to_f(static_cast<const c10::Half*>(base)[idx]);
   if (dtype == 2) return to_f(static_cast<const c10::BFloat16*>(base)[idx]);
   return static_cast<const float*>(base)[idx];
 }
+
+// A (C,) per-channel tensor as the kernels read it: any stride (0: expanded), fp32, fp16 or
+// bf16 (dtype codes of load_as_f32); p == nullptr: absent.
+struct ChanParam {
+  const void* p = nullptr;
+  int64_t stride = 0;
+  int dtype = 0;
+};
+FASTDW_HD float chan_at(const ChanParam& t, int64_t c, float absent) {
+  return t.p != nullptr ? load_as_f32(t.p, c * t.stride, t.dtype) : absent;
+}
+
+struct PackArgs {
+  const void* w;
+  int64_t w_sc, w_sh, w_sw;  // element strides of weight along C, KH, KW
+  int w_dtype;               // 0 fp32, 1 fp16, 2 bf16
+  ChanParam scale, shift;    // absent: 1, 0
+  int64_t C, KH, KW;
+  float* out;  // (KH*KW + 2, C)
+};
 
 FASTDW_HD void pack_params(const PackArgs& a, int64_t i) {
   const int64_t T = a.KH * a.KW, c = i % a.C, row = i / a.C;
@@ -680,9 +686,9 @@ FASTDW_HD void pack_params(const PackArgs& a, int64_t i) {
   if (row < T) {
     v = load_as_f32(a.w, c * a.w_sc + (row / a.KW) * a.w_sh + (row % a.KW) * a.w_sw, a.w_dtype);
   } else if (row == T) {
-    v = a.scale != nullptr ? load_as_f32(a.scale, c * a.scale_stride, a.scale_dtype) : 1.f;
+    v = chan_at(a.scale, c, 1.f);
   } else {
-    v = a.shift != nullptr ? load_as_f32(a.shift, c * a.shift_stride, a.shift_dtype) : 0.f;
+    v = chan_at(a.shift, c, 0.f);
   }
   a.out[i] = v;
 }

@@ -18,8 +18,6 @@
 
 namespace fastdw {
 
-inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // The per-(chunk, channel vector) kernels read 16-byte packs of channels_last x (and dy) when the
 // channel count and the base pointers allow it.
 inline bool train_vec_ok(const DwConvParams& p, int elem_size, const void* a, const void* b) {
@@ -28,25 +26,15 @@ inline bool train_vec_ok(const DwConvParams& p, int elem_size, const void* a, co
          (b == nullptr || reinterpret_cast<uintptr_t>(b) % 16 == 0);
 }
 
-// The kernels' view of an optional (C,) tensor (checked by check_vector_param: fp32 or x's dtype).
-inline kern::ChanParam chan_param(const c10::optional<at::Tensor>& t) {
-  kern::ChanParam c;
-  if (!present(t)) return c;
-  c.p = t->const_data_ptr();
-  c.stride = t->stride(0);
-  c.dtype = dtype_code(t->scalar_type());
-  return c;
-}
-
-// The finish arguments over the chunk sums `part` ((nchunks, R, C) in double).
-inline kern::TrainFinishArgs train_finish_args(const DwConvParams& p, const at::Tensor& part, double eps) {
-  kern::TrainFinishArgs f;
+// Points the finish at the chunk sums `part` ((nchunks, R, C) in double) and its groups; returns
+// the group sums' workspace ((ngroups, R, C)), which the caller keeps until the finish has run.
+inline at::Tensor attach_parts(kern::TrainFinishArgs& f, const at::Tensor& part) {
   f.part = part.const_data_ptr<double>();
-  f.C = p.C;
   f.nchunks = part.size(0);
   kern::sqrt_groups(f.nchunks, f.ngroups, f.group);
-  f.eps = eps;
-  return f;
+  at::Tensor gpart = at::empty({f.ngroups, part.size(1), part.size(2)}, part.options());
+  f.gpart = gpart.data_ptr<double>();
+  return gpart;
 }
 
 // Forward: (y, mean + bias, biased var); launches go through exec (CUDA or CPU emulation):
@@ -83,9 +71,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_train_fwd(
   // The chunks merged in double in a fixed order, and the per-channel algebra, by two small
   // kernels (no atomics, no host tensor ops): mean, var, and the packed parameters' scale and
   // shift rows (the statistics plan already holds x, y and the weights: only the affine changes).
-  kern::TrainFinishArgs fa = train_finish_args(p, part, eps);
-  at::Tensor gpart = at::empty({fa.ngroups, 3, p.C}, f32.dtype(at::kDouble));
-  fa.gpart = gpart.data_ptr<double>();
+  kern::TrainFinishArgs fa;
+  fa.C = p.C;
+  fa.eps = eps;
+  const at::Tensor gpart = attach_parts(fa, part);
   at::Tensor mean_out = at::empty({p.C}, f32), var_out = at::empty({p.C}, f32);
   at::Tensor center = present(bias) ? at::empty({p.C}, f32) : mean_out;
   fa.bias = chan_param(bias);

@@ -147,16 +147,6 @@ inline void sqrt_groups(int64_t n, int64_t& ngroups, int64_t& group) {
   ngroups = n > 0 ? (n + g - 1) / g : 1;
 }
 
-// A (C,) per-channel tensor as the kernels read it: any stride (0: expanded), fp32, fp16 or
-// bf16 (dtype codes of load_as_f32); p == nullptr: absent.
-struct ChanParam {
-  const void* p = nullptr;
-  int64_t stride = 0;
-  int dtype = 0;
-};
-FASTDW_HD float chan_at(const ChanParam& t, int64_t c, float absent) {
-  return t.p != nullptr ? load_as_f32(t.p, c * t.stride, t.dtype) : absent;
-}
 FASTDW_HD void store_as(void* base, int64_t idx, int dtype, float v) {
   if (dtype == 1) {
     static_cast<c10::Half*>(base)[idx] = static_cast<c10::Half>(v);
@@ -167,12 +157,10 @@ FASTDW_HD void store_as(void* base, int64_t idx, int dtype, float v) {
   }
 }
 
-// invstd in double from the variance as the forward returned it (fp32): 1 / sqrt, both correctly
+// invstd in double from the variance as the forward returns it (fp32): 1 / sqrt, both correctly
 // rounded (the same on the host and every GPU; the sums around it may differ in the last bit of
 // a double, where nvcc contracts a multiply-add into an FMA and the host compiler does not).
-FASTDW_HD double invstd_of(const ChanParam& var, int64_t c, double eps) {
-  return 1.0 / sqrt(static_cast<double>(chan_at(var, c, 0.f)) + eps);
-}
+FASTDW_HD double invstd_of(float var, double eps) { return 1.0 / sqrt(static_cast<double>(var) + eps); }
 
 // The per-channel finish of the training forward and backward (one set of arguments for the
 // group stage and the channel stage of each).
@@ -240,16 +228,15 @@ FASTDW_HD void train_stat_finish(const TrainFinishArgs& f, int64_t c) {
   f.center[c] = m;
   f.var_out[c] = v;
   if (f.mean_out != f.center) f.mean_out[c] = m + chan_at(f.bias, c, 0.f);
-  const double invstd = 1.0 / sqrt(static_cast<double>(v) + f.eps);
-  const double g = f.gamma.p != nullptr ? static_cast<double>(chan_at(f.gamma, c, 1.f)) : 1.0;
-  f.scale_row[c] = static_cast<float>(g * invstd);
+  const double g = chan_at(f.gamma, c, 1.f);
+  f.scale_row[c] = static_cast<float>(g * invstd_of(v, f.eps));
   f.shift_row[c] = chan_at(f.beta, c, 0.f);
 }
 
 // Backward, before pass A: thread c: coef rows scale (gamma * invstd), shift (beta), center (mean).
 FASTDW_HD void train_bwd_prep(const TrainFinishArgs& f, int64_t c) {
-  const double g = f.gamma.p != nullptr ? static_cast<double>(chan_at(f.gamma, c, 1.f)) : 1.0;
-  f.coef[c] = static_cast<float>(g * invstd_of(f.var, c, f.eps));
+  const double g = chan_at(f.gamma, c, 1.f);
+  f.coef[c] = static_cast<float>(g * invstd_of(chan_at(f.var, c, 0.f), f.eps));
   f.coef[f.C + c] = chan_at(f.beta, c, 0.f);
   f.coef[2 * f.C + c] = chan_at(f.mean, c, 0.f);
 }
@@ -273,8 +260,8 @@ FASTDW_HD void train_bwd_finish(const TrainFinishArgs& f, int64_t c) {
     S += f.gpart[(gi * 2 + 0) * f.C + c];
     B += f.gpart[(gi * 2 + 1) * f.C + c];
   }
-  const double invstd = invstd_of(f.var, c, f.eps);
-  const double g = f.gamma.p != nullptr ? static_cast<double>(chan_at(f.gamma, c, 1.f)) : 1.0;
+  const double invstd = invstd_of(chan_at(f.var, c, 0.f), f.eps);
+  const double g = chan_at(f.gamma, c, 1.f);
   if (f.dgamma != nullptr) store_as(f.dgamma, c, f.dg_dtype, static_cast<float>(invstd * S));
   if (f.dbeta != nullptr) store_as(f.dbeta, c, f.db_dtype, static_cast<float>(B));
   const double invstd3 = invstd * invstd * invstd;

@@ -287,31 +287,45 @@ def _loop_best_path(body, ops, is_store, lo: int, hi: int) -> Optional[Tuple[flo
             succ.append(nxt if pred else [])
         else:
             succ.append(nxt)
-    n = len(sub)
-    states: List[Dict[float, Tuple[float, Optional[Tuple[int, float]]]]] = [dict() for _ in range(n)]
-    states[0][0.0] = (0.0, None)
-    for j in range(n):
-        sb = _width(sub_ops[j]) / 8 if is_store[lo + j] else 0.0
-        for st, (c, _) in list(states[j].items()):
-            for k in succ[j]:
-                if c + 1 < states[k].get(st + sb, (float("inf"),))[0]:
-                    states[k][st + sb] = (c + 1, (j, st))
-    end = states[n - 1]
-    if not end:
-        return None
-    st = max(end)
-    path, node = [n - 1], end[st][1]
-    while node is not None:
-        path.append(node[0])
-        node = states[node[0]][node[1]][1]
-    _LAST_PATH[:] = [sub_ops[j] for j in reversed(path)]
-    last_sb = _width(sub_ops[n - 1]) / 8 if is_store[hi] else 0.0
-    return end[st][0] + 1, st + last_sb
+    term = [j == len(sub) - 1 for j in range(len(sub))]  # one iteration ends at the back branch
+    return _best_path(sub_ops, is_store[lo:hi + 1], succ, term)
 
 
 def _branch_target(ins: str) -> Optional[int]:
     m = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", ins)
     return int(m.group(1), 16) if m else None
+
+
+def _best_path(ops: List[str], is_store: List[bool], succ: List[List[int]], term: List[bool]
+               ) -> Optional[Tuple[float, float]]:
+    """Over the paths from instruction 0 to a terminal one, the one that stores the most bytes, and
+    among those the fewest instructions: (instructions, store bytes), its opcodes in _LAST_PATH.
+    None when no terminal is reached or a reachable edge goes backward (the code is not loop-free)."""
+    n = len(ops)
+    # states[j]: {store bytes: (fewest instructions, predecessor state)} on arrival at j
+    states: List[Dict[float, Tuple[float, Optional[Tuple[int, float]]]]] = [dict() for _ in range(n)]
+    states[0][0.0] = (0.0, None)
+    done: Dict[float, Tuple[float, Tuple[int, float]]] = {}
+    for j in range(n):
+        sb = _width(ops[j]) / 8 if is_store[j] else 0.0
+        for st, (ins_count, _) in states[j].items():
+            st2, c2 = st + sb, ins_count + 1
+            if term[j] and c2 < done.get(st2, (float("inf"),))[0]:
+                done[st2] = (c2, (j, st))
+            for k in succ[j]:
+                if k <= j:
+                    return None  # a backward edge reached: not loop-free after all
+                if c2 < states[k].get(st2, (float("inf"),))[0]:
+                    states[k][st2] = (c2, (j, st))
+    if not done:
+        return None
+    st = max(done)
+    path, node = [], done[st][1]
+    while node is not None:
+        path.append(node[0])
+        node = states[node[0]][node[1]][1]
+    _LAST_PATH[:] = [ops[j] for j in reversed(path)]
+    return done[st][0], st
 
 
 def _dag_best_path(body, ops, is_store) -> Optional[Tuple[float, float]]:
@@ -323,7 +337,6 @@ def _dag_best_path(body, ops, is_store) -> Optional[Tuple[float, float]]:
         return None
     n = len(body)
     index = {a: j for j, (a, _) in enumerate(body)}
-    # per instruction: (successor indices, terminal?)
     succ: List[List[int]] = []
     term: List[bool] = []
     for j, (a, ins) in enumerate(body):
@@ -342,33 +355,7 @@ def _dag_best_path(body, ops, is_store) -> Optional[Tuple[float, float]]:
         else:
             succ.append(nxt)
             term.append(False)
-    # states[j]: {store bytes: (fewest instructions, predecessor state)} on arrival at j
-    states: List[Dict[float, Tuple[float, Optional[Tuple[int, float]]]]] = [dict() for _ in range(n)]
-    states[0][0.0] = (0.0, None)
-    done: Dict[float, Tuple[float, Tuple[int, float]]] = {}
-    for j in range(n):
-        if not states[j]:
-            continue
-        sb = _width(ops[j]) / 8 if is_store[j] else 0.0
-        for st, (ins_count, _) in states[j].items():
-            st2, c2 = st + sb, ins_count + 1
-            if term[j]:
-                if c2 < done.get(st2, (float("inf"),))[0]:
-                    done[st2] = (c2, (j, st))
-            for k in succ[j]:
-                if k <= j:
-                    return None  # a backward edge: not loop-free after all
-                if c2 < states[k].get(st2, (float("inf"),))[0]:
-                    states[k][st2] = (c2, (j, st))
-    if not done:
-        return None
-    st = max(done)
-    path, node = [], done[st][1]
-    while node is not None:
-        path.append(node[0])
-        node = states[node[0]][node[1]][1]
-    _LAST_PATH[:] = [ops[j] for j in reversed(path)]
-    return done[st][0], st
+    return _best_path(ops, is_store, succ, term)
 
 
 _LAST_PATH: List[str] = []  # opcodes of the last path _dag_best_path chose (--explain)
