@@ -580,8 +580,9 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
     """Every autotune config of the Triton forward, gu and dx kernels for the TRITON_CASES classes
     (relu6), compiled for sm_<arch> as the JIT would specialize a MobileNet-like call (the launches
     recorded by scripts/triton_compile_check.py), read like the CUDA kernels: registers and spills
-    from ptxas, the SASS instruction count of a program's thread (the runtime kh loop and the
-    backward's tile loop: the loop body per trip, K trips for kh) over the outputs it stores. One
+    from ptxas, the SASS instruction count of a program's thread over the outputs it stores, on
+    the steady state: one trip of the cheapest row loop per output (the unmasked interior one; a
+    loop with a nested runtime loop counts that one K trips, as the older tile kernels had). One
     row per kernel and config, named triton:...; plus one row per backward class and config pair
     index summing gu (per output, times 1/S^2) and dx (per dx element), which carries the backward
     budget."""
@@ -610,8 +611,8 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
         per_kind: Dict[str, List[Kernel]] = {}
         for kernel, a, kw in calls:
             fn = kernel.fn
-            kind = {"_dwconv_fwd_kernel": "fwd", "_dwconv_bwd_gu_kernel": "gu", "_dwconv_bwd_dx_kernel": "dx"}.get(
-                fn.__name__)
+            kind = {"_dwconv_fwd_kernel": "fwd", "_dwconv_bwd_gu_kernel": "gu", "_dwconv_bwd_dx_kernel": "dx",
+                    "_dwconv_bwd_dx_rows_kernel": "dx"}.get(fn.__name__)
             # the inference kernels only (the training variants: TRAIN / HAS_CENTER)
             if kind is None or kw.get("TRAIN") or kw.get("HAS_CENTER") or kind in per_kind:
                 continue
@@ -621,7 +622,8 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
                 opts = backend.parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
                 ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
                                     options=opts.__dict__)
-                tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_H", "BLOCK_W", "BLOCK_C"))
+                # (the backward's band kernels: BAND rows, chosen on the host, in place of BLOCK_H)
+                tile = "x".join(str(cfg.kwargs.get(k, "band")) for k in ("BLOCK_H", "BLOCK_W", "BLOCK_C"))
                 name = (f"triton:{fn.__name__.strip('_')}<{dt}, {'CL' if cl else 'NCHW'}, {K}, {S}, {tile}, "
                         f"w{cfg.num_warps}>")
                 k = Kernel(kernel=name, arch=f"sm_{arch}", mangled=name, tag=f"triton_{kind}", dtype=dt,
@@ -638,7 +640,7 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
                     Path(cub).write_bytes(ck.asm["cubin"])
                     sass = parse_sass(run([cuobjdump, "-sass", cub], env))
                 instrs = next(iter(sass.values()))
-                eb = 4 if (kind == "gu" or dt == "fp32") else 2  # gu stores the fp32 gc
+                eb = 4 if dt == "fp32" else 2  # gu stores gc in x's dtype
                 tot, n_ins, n_out, est, ld, st, sp = analyse(instrs, eb, K)
                 _LAST_PATH.clear()
                 k.instr_total, k.region_instr, k.outputs_per_region, k.estimated = tot, n_ins, n_out, est

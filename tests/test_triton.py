@@ -172,6 +172,77 @@ def test_backward_interp(dtype, layout, act, cfg):
     assert not fails, fails
 
 
+# (k, stride, padding, dilation, activation): every forward path (streamed rows at stride 1, the
+# direct taps at stride 2 or with row dilation), each tap-count class, a rectangular kernel
+BANDS_CASES = [(3, 1, 1, 1, "relu6"), (3, 2, 1, 1, "hardswish"), (5, 1, 2, 1, "silu"), (7, 1, 3, 1, "relu"),
+               (3, 1, 2, 2, "none"), ((5, 3), (1, 2), (2, 1), 1, "relu6")]
+
+
+def _interior_tiles(cfg, OW, W, C, k, s, p, d):
+    """Column tiles of the interpreter's forward config whose taps all lie inside the image, with a
+    full channel block (the kernel's unmasked path), and the column tiles and bands of a launch."""
+    BW, BC = cfg.kwargs["BLOCK_W"], cfg.kwargs["BLOCK_C"]
+    kw = k if isinstance(k, int) else k[1]
+    sw = s if isinstance(s, int) else s[1]
+    pw = p if isinstance(p, int) else p[1]
+    dw = d if isinstance(d, int) else d[1]
+    inside = [t for t in range(-(-OW // BW)) if t * BW * sw - pw >= 0 and (t * BW + BW - 1) * sw - pw + (kw - 1) * dw < W
+              and t * BW + BW <= OW]
+    return inside, -(-OW // BW), C >= BC
+
+
+@requires_interp
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", BANDS_CASES, ids=[f"k{c[0]}s{c[1]}p{c[2]}d{c[3]}-{c[4]}" for c in BANDS_CASES])
+def test_forward_bands_interp(layout, case):
+    """The forward's row bands: several bands and a partial last one, interior column tiles (the
+    unmasked loads) beside border ones, a full and a partial channel block, for each path."""
+    k, s, p, d, act = case
+    cl = layout == "channels_last"
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sw = s if isinstance(s, int) else s[1]
+    N, C, H, W = (1, 20, 19, 40) if cl else (1, 6, 19, 40 if sw == 1 else 72)
+    x, w, sc, sh = make_inputs(N, C, H, W, k, layout=layout)
+    cfg = T._fwd_configs(T._fwd_table_key(cl, kh * kw))[0]
+    y = _fwd(x, w, sc, sh, stride=s, padding=p, dilation=d, act=act)
+    inside, tiles, full_cb = _interior_tiles(cfg, y.shape[3], W, C, k, s, p, d)
+    bands = -(-y.shape[2] // cfg.kwargs["BLOCK_H"])
+    assert inside and tiles > len(inside) and full_cb and C % cfg.kwargs["BLOCK_C"], (inside, tiles, cfg)
+    assert bands >= 2 and y.shape[2] % cfg.kwargs["BLOCK_H"], (bands, cfg)
+    fails = forward_failures(x, w, sc, sh, s, p, d, act, backend="triton", raw_op=OP)
+    assert not fails, fails
+
+
+BWD_BANDS_CASES = [(3, 1, 1, 1, "relu6"), (5, 1, 2, 1, "silu"), (3, 2, 1, 1, "hardswish"), (3, 1, 2, 2, "relu")]
+
+
+@requires_interp
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", BWD_BANDS_CASES, ids=[f"k{c[0]}s{c[1]}p{c[2]}d{c[3]}-{c[4]}" for c in BWD_BANDS_CASES])
+def test_backward_bands_interp(layout, case):
+    """The backward's band kernels (gu; dx and dweight at stride 1): several bands and a partial
+    last one, interior column tiles (the unmasked loops) beside border ones, a full and a partial
+    channel block; stride 2 and dilation take the direct gu rows and the gathering dx kernel."""
+    k, s, p, d, act = case
+    cl = layout == "channels_last"
+    N, C, H, W = (1, 20, 19, 20 if s == 1 else 40) if cl else (1, 10, 19, 40 if s == 1 else 72)
+    x, w, sc, sh = make_inputs(N, C, H, W, k, layout=layout, requires_grad=True)
+    kk = {"N": N, "C": C, "cl": cl}
+    OH = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    OW = (W + 2 * p - d * (k - 1) - 1) // s + 1
+    for rows, cols, P, S in ((OH, OW, p, s), (H, W, k - 1 - p, 1)):  # the gu grid, then the dx grid
+        band, bw, tiles = T._band_plan(x, kk, rows, cols)
+        cfg = T._band_configs((cl, bw, T._fwd_table_key(cl, k * k)[1]))[0]
+        bc = cfg.kwargs["BLOCK_C"]
+        src_w = W if S == s and (rows, cols) == (OH, OW) else OW  # the tapped plane's width
+        inside = [t for t in range(-(-cols // bw)) if t * bw * S - P >= 0 and (t * bw + bw - 1) * S - P + (k - 1) * d
+                  < src_w and t * bw + bw <= cols]
+        assert inside and len(inside) < -(-cols // bw) and C >= bc and C % bc, (rows, cols, bw, bc, inside)
+        assert -(-rows // band) >= 2 and rows % band, (rows, band)
+    fails = backward_failures(x, w, sc, sh, s, p, d, act, backend="triton")
+    assert not fails, fails
+
+
 @requires_interp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_splits_tiles_channel_blocks_interp(layout):
@@ -346,6 +417,18 @@ def test_errors(device, monkeypatch):
         OP(x, w, s, b, [1, 1], [1, 1], [1, 1], "gelu")
     with pytest.raises(ValueError, match="kernel larger than the padded input"):
         _fwd(x[:, :, :1, :1], w, padding=0)
+    # int32 offsets inside an image (checked on metadata: meta tensors, nothing allocated)
+    big = torch.empty_strided((1, 4, 5, 5), (0, 2 ** 30, 5, 1), dtype=torch.float16, device="meta")
+    wm, sm = w.half().to("meta"), s.to("meta")
+    with pytest.raises(ValueError, match="spans .* elements per image"):
+        T.dwconv_bn_act_fwd(big, wm, sm, sm, [1, 1], [1, 1], [1, 1], "relu")
+    go = torch.empty_strided((1, 4, 5, 5), (0, 25, 2 ** 29, 1), dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="spans .* elements per image"):
+        T.dwconv_bn_act_bwd(go, big.contiguous(), wm, sm, sm, [1, 1], [1, 1], [1, 1], "relu", [True] * 4, False)
+    huge = torch.empty((1, 1024, 1024, 2048), dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match=r"C\*H\*W and C\*OH\*OW < 2\*\*31"):
+        T.dwconv_bn_act_fwd(huge, torch.empty(1024, 1, 3, 3, device="meta"), None, None, [1, 1], [1, 1], [1, 1],
+                            "relu")
     if device == "cpu":
         monkeypatch.setattr(T, "INTERPRET", False)
         with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
@@ -581,7 +664,7 @@ def _fake_tables(monkeypatch):
     interpreter); what the test sees is which object the launcher chose."""
     out = {}
     pinned_all = dict(T._PINNED)
-    for name in ("_FWD", "_BWD_GU", "_BWD_DX", "_TRAIN_STATS"):
+    for name in ("_FWD", "_BWD_GU", "_BWD_DX_ROWS", "_BWD_DX", "_TRAIN_STATS"):
         tuned = getattr(T, name)
         pinned = {cl: T._autotune(k.fn, k.configs[:1]) for cl, k in tuned.items()}
         pinned_all[id(tuned)] = pinned

@@ -14,25 +14,31 @@ Inductor sees and schedules the kernels inside a compiled graph. Under the Trito
 (TRITON_INTERPRET=1, how CI runs these kernels on a CPU) kernels cannot be traced, so the same
 functions are registered as opaque `custom_op`s with shape-only fake kernels instead.
 
-Tiling. Every kernel works on a tile of [BLOCK_H * BLOCK_W spatial positions, BLOCK_C channels]
-addressed through the tensor's strides, so one kernel serves both layouts; what differs is the
-config list:
-  * channels_last (stride(1) == 1): BLOCK_C = 32..64 channels on the fast axis, so a warp reads
-    one contiguous run of C per pixel (64-128 B for fp16) and the tap loads of a tile overlap in
-    L1; a 2-D spatial tile of 2x8 .. 4x8 pixels.
-  * NCHW: BLOCK_C = 1 and a spatial tile of 8x32 .. 16x64 with W on the fast axis.
-The input is read from DRAM once per tile (the K*K tap loads of a tile hit the same cache lines),
-accumulated in fp32, and BN + activation are applied in registers before the single store.
+Forward (_dwconv_fwd_kernel). A program owns a band of BLOCK_H output rows x BLOCK_W columns x
+BLOCK_C channels of one image, addressed through the tensors' strides (one kernel serves both
+layouts; the config lists differ: channels on the fast axis with 8 channels per thread for
+channels_last, columns on the fast axis for NCHW). The weights, scale and shift are read once into
+registers; the band is produced one output row per loop trip. At stride 1 without row dilation
+the input is streamed: a trip reads one input row (its KW column taps, L1 hits), adds it to the
+KH output rows it feeds (KH - 1 partial rows live in registers) and finishes one, so an input
+element is read and converted KW times instead of KH*KW times; otherwise a trip reads its row's
+KH*KW taps. The trips whose taps all lie inside the image run a loop without masks; the border
+trips run a masked copy of it. BN and the activation are applied in registers before the single
+store.
 
 Backward (recomputes the pre-activation, like the CUDA op):
-  1. _dwconv_bwd_gu_kernel: per output tile, u = conv(x)*scale + shift, g = act'(u) * dy;
-     stores gc = g * scale (fp32 workspace) and sums g*conv (dscale) and g (dshift).
-  2. _dwconv_bwd_dx_kernel: per input tile, dx = sum_t w[t] * gc[shifted by t] (the gather form
-     of the transposed conv) and, from the same gc loads and one read of x,
-     dweight[t] += sum x * gc[shifted by t].
-Both run as S "splits" x channel blocks; each program loops over every S-th tile and writes one
-row of per-channel partial sums, which the host sums over S in a fixed order. The reductions use
-no atomics, so the backward is deterministic whatever `deterministic` says.
+  1. _dwconv_bwd_gu_kernel, one program per band of output rows (the forward's streaming):
+     u = conv(x)*scale + shift, g = act'(u) * dy; stores gc = g * scale in x's dtype (fp32 beside
+     an fp32 weight) and sums g*conv (dscale) and g (dshift) in registers over the band, written
+     once per program.
+  2. _dwconv_bwd_dx_rows_kernel (stride 1, no dilation), one program per band of input rows: dx
+     is the forward conv of gc with the flipped kernel, streamed the same way; the gc taps it
+     reads also give dweight[t] += x * gc[shifted by t], with the band's x rows streamed beside
+     them and the sums kept in registers over the band. Other strides and dilations use
+     _dwconv_bwd_dx_kernel, which gathers every tap per input tile over S "splits".
+Every program writes one row of per-channel partial sums; the host sums the rows in float64 in a
+fixed order. No atomics: the backward is deterministic whatever `deterministic` says (which also
+pins the configs, so the bits do not depend on autotuning either).
 """
 import contextlib
 import functools
@@ -169,113 +175,514 @@ def _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw,
     return acc
 
 
-@triton.jit(do_not_specialize=["ACT", "N_BUCKET", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
+@triton.jit
+def _load_taps(xp, step, xmask, rv, KW: tl.constexpr, MASKED: tl.constexpr):
+    """The KW column taps xp + kw * step (kw < KW) of one input row, as fp32. MASKED: with the tap
+    masks xmask[kw] and the row's validity rv (zeros outside: the padding); else unmasked, for
+    the rows and column tiles whose taps all lie inside the image (no predicates in the steady
+    state)."""
+    xs = ()
+    for kw in tl.static_range(KW):
+        if MASKED:
+            v = tl.load(xp + kw * step, mask=xmask[kw] & rv, other=0.0)
+        else:
+            v = tl.load(xp + kw * step)
+        xs = xs + (v.to(tl.float32),)
+    return xs
+
+
+@triton.jit
+def _load_row(p, mask, MASKED: tl.constexpr):
+    """One row of a tile as fp32: masked (zeros outside) or not."""
+    if MASKED:
+        v = tl.load(p, mask=mask, other=0.0)
+    else:
+        v = tl.load(p)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _store_row(p, v, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(p, v.to(p.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p, v.to(p.dtype.element_ty))
+
+
+@triton.jit
+def _roll_rows(xs, ws, accs, KH: tl.constexpr, KW: tl.constexpr):
+    """One step of a stride-1 row-streamed conv: xs holds the KW column taps of the next input row,
+    accs[j] the partial sums of the KH - 1 output rows still open (j = 0 the oldest), ws the KH*KW
+    weights. The new row is tap row KH - 1 - j of open row j and tap row 0 of a new row. Returns the
+    finished oldest row and the open rows. (Tap indices are written out: a name assigned in the
+    caller's row loop would not stay constexpr.)"""
+    nxt = ()
+    for j in tl.static_range(KH):
+        if j < KH - 1:
+            a = accs[j] + xs[0] * ws[(KH - 1 - j) * KW]
+        else:
+            a = xs[0] * ws[(KH - 1 - j) * KW]
+        for kw in tl.static_range(1, KW):
+            a += xs[kw] * ws[(KH - 1 - j) * KW + kw]
+        if j == 0:
+            done = a
+        else:
+            nxt = nxt + (a,)
+    return done, nxt
+
+
+@triton.jit
+def _direct_row(xb, o, sxh, xoff, step, xmask, H, PH, ws, SH: tl.constexpr, DH: tl.constexpr,
+                KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr, BLOCK_W: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """Output row o from its KH*KW taps (stride > 1 or row dilation: no row reuse to stream)."""
+    a = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = o * SH - PH + kh * DH
+        xs = _load_taps(xb + ih * sxh + xoff, step, xmask, (ih >= 0) & (ih < H), KW, MASKED)
+        for kw in tl.static_range(KW):
+            a += xs[kw] * ws[kh * KW + kw]
+    return a
+
+
+@triton.jit
+def _tap_columns(ow0, c0, OW, C, W, PW, sxw, sxc, SW: tl.constexpr, DW: tl.constexpr, KW: tl.constexpr,
+                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The column side of a row tile (columns ow0.., channels c0..), the same for every row: the
+    offsets of its first tap, the KW tap masks, and whether every tap of every column lies inside
+    the image with every column and channel real (then the rows inside the image run unmasked)."""
+    ow = ow0 + tl.arange(0, BLOCK_W)
+    c = c0 + tl.arange(0, BLOCK_C)
+    om = ow < OW
+    cm = c < C
+    iw0 = ow * SW - PW
+    xoff = (iw0 * sxw)[:, None] + (c * sxc)[None, :]
+    xmask = ()
+    for kw in tl.static_range(KW):
+        iw = iw0 + kw * DW
+        xmask = xmask + ((om & (iw >= 0) & (iw < W))[:, None] & cm[None, :],)
+    inside = (ow0 * SW - PW >= 0) & ((ow0 + BLOCK_W - 1) * SW - PW + (KW - 1) * DW < W)
+    inside = inside & (ow0 + BLOCK_W <= OW) & (c0 + BLOCK_C <= C)
+    return xoff, xmask, inside
+
+
+@triton.jit
+def _stream_split(nr, lead, valid_lo, valid_hi):
+    """Trip bounds (a, b) of a streamed band of nr trips: the first `lead` trips finish no row,
+    trips valid_lo..valid_hi read rows inside the image; [a, b) are the trips that do both (the
+    unmasked steady state), [0, a) and [b, nr) run masked."""
+    a = tl.minimum(tl.maximum(valid_lo, lead), nr)
+    b = tl.maximum(a, tl.minimum(valid_hi, nr))
+    return a, b
+
+
+@triton.jit
+def _direct_split(rows, oh0, H, PH, SH: tl.constexpr, DH: tl.constexpr, KH: tl.constexpr):
+    """Row bounds (a, b) of a direct band of rows oh0..: [a, b) are the rows whose KH taps rows all
+    lie inside the image. (o_hi: every numerator here is >= -SH or its quotient is <= 0 under
+    truncating and flooring division alike, so the clamp gives the same bounds in both.)"""
+    a = tl.minimum(tl.maximum((PH + SH - 1) // SH - oh0, 0), rows)
+    o_hi = (H - 1 + PH - (KH - 1) * DH + SH) // SH
+    b = tl.maximum(a, tl.minimum(o_hi - oh0, rows))
+    return a, b
+
+
+@triton.jit
+def _channel_params(c, cm, S, B, CEN, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """(center, scale, shift) of channels c as [1, BLOCK_C] fp32 rows (zeros where absent)."""
+    cen = tl.zeros([1, BLOCK_C], dtype=tl.float32)
+    sc = tl.zeros([1, BLOCK_C], dtype=tl.float32)
+    sh = tl.zeros([1, BLOCK_C], dtype=tl.float32)
+    if HAS_CENTER:
+        cen = tl.load(CEN + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        sc = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        sh = tl.load(B + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    return cen, sc, sh
+
+
+@triton.jit
+def _weights(Wt, c, cm, KK: tl.constexpr):
+    """The KK taps of channels c, from the (C, KK) weight, as [1, BLOCK_C] fp32 rows: read once
+    per program, registers for the whole band."""
+    ws = ()
+    for k in tl.static_range(KK):
+        ws = ws + (tl.load(Wt + c * KK + k, mask=cm, other=0.0).to(tl.float32)[None, :],)
+    return ws
+
+
+@triton.jit
+def _band_coords(C, OH, OW, BAND, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """1-D grid over (image, band of BAND rows, column tile, channel block), the channel block
+    fastest: (band tile index t, n, first row, first column, first channel)."""
+    pid = tl.program_id(0)
+    cblocks = tl.cdiv(C, BLOCK_C)
+    t = pid // cblocks
+    c0 = (pid % cblocks) * BLOCK_C
+    tiles_w = tl.cdiv(OW, BLOCK_W)
+    bands = tl.cdiv(OH, BAND)
+    ow0 = (t % tiles_w) * BLOCK_W
+    oh0 = ((t // tiles_w) % bands) * BAND
+    n = (t // tiles_w) // bands
+    return t, n, oh0, ow0, c0
+
+
+@triton.jit
+def _fwd_epilogue(acc, yp, ymask, cen, sc, sh, ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr, MASKED: tl.constexpr):
+    """BatchNorm and the activation on one finished output row, stored at yp."""
+    if HAS_CENTER:
+        acc = acc - cen
+    if HAS_SCALE:
+        acc = acc * sc
+    if HAS_SHIFT:
+        acc = acc + sh
+    _store_row(yp, _act_fwd(acc, ACT), ymask, MASKED)
+
+
+@triton.jit
+def _fwd_stream(lo, hi, accs, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh,
+                ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
+                KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr):
+    """Trips lo..hi of the streamed forward: trip r reads input row oh0 - PH + r and finishes
+    output row oh0 + r - (KH - 1) (from trip KH - 1 on)."""
+    for r in range(lo, hi):
+        ih = oh0 - PH + r
+        xs = _load_taps(xb + ih * sxh + xoff, step, xmask, (ih >= 0) & (ih < H), KW, MASKED)
+        done, accs = _roll_rows(xs, ws, accs, KH, KW)
+        if MASKED:
+            if r >= KH - 1:
+                _fwd_epilogue(done, yb + (oh0 + r - (KH - 1)) * syh + yoff, ymask, cen, sc, sh, ACT,
+                              HAS_SCALE, HAS_SHIFT, HAS_CENTER, True)
+        else:
+            _fwd_epilogue(done, yb + (oh0 + r - (KH - 1)) * syh + yoff, ymask, cen, sc, sh, ACT,
+                          HAS_SCALE, HAS_SHIFT, HAS_CENTER, False)
+    return accs
+
+
+@triton.jit
+def _fwd_direct(lo, hi, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh,
+                ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
+                SH: tl.constexpr, DH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows oh0 + lo .. oh0 + hi of the direct forward."""
+    for r in range(lo, hi):
+        a = _direct_row(xb, oh0 + r, sxh, xoff, step, xmask, H, PH, ws, SH, DH, KH, KW, MASKED, BLOCK_W, BLOCK_C)
+        _fwd_epilogue(a, yb + (oh0 + r) * syh + yoff, ymask, cen, sc, sh, ACT, HAS_SCALE, HAS_SHIFT, HAS_CENTER,
+                      MASKED)
+
+
+@triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
 def _dwconv_fwd_kernel(
     X, Wt, S, B, CEN, Y,
     C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-    PH, PW, DH, DW,
-    ACT, N_BUCKET, C_BUCKET, HW_BUCKET,  # the buckets: autotune key only
-    SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    PH, PW,
+    N_BUCKET, C_BUCKET, HW_BUCKET,  # the buckets: autotune key only
+    ACT: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_CENTER: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program: one tile of BLOCK_H x BLOCK_W output pixels x BLOCK_C channels of one image.
-    1-D grid, channel block fastest: (tiles, channel blocks) = (pid // CB, pid % CB).
+    """One program: a band of BLOCK_H output rows x BLOCK_W output columns x BLOCK_C channels of
+    one image, produced one row per loop trip. 1-D grid, channel block fastest.
+    The weights, scale and shift are read once, before the row loop, and stay in registers.
+    Stride 1 without row dilation streams the input: each trip reads one input row (its KW column
+    taps), adds its taps to the KH output rows it feeds (KH - 1 partial rows carried in
+    registers) and finishes one; an input element is read and converted KW times, not KH*KW.
+    Otherwise each trip reads the KH*KW taps of its output row (from L1/L2).
+    The trips whose rows and columns all lie inside the image (the steady state) run a loop of
+    their own without masks; the border trips run masked.
     HAS_CENTER (training mode): u = (conv - CEN) * scale + shift, BatchNorm's order of operations."""
-    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
-    tile, c, cm = _program_coords(C, BLOCK_C)
-    n, oh, ow = _tile_coords(tile, OH, OW, BLOCK_H, BLOCK_W)
-    pm = (oh < OH) & (ow < OW)
-    acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
-                     KH, KW, BLOCK_P, BLOCK_C)
-    if HAS_CENTER:
-        acc = acc - tl.load(CEN + c, mask=cm, other=0.0)[None, :]
+    t, n, oh0, ow0, c0 = _band_coords(C, OH, OW, BLOCK_H, BLOCK_W, BLOCK_C)
+    ow = ow0 + tl.arange(0, BLOCK_W)
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < C
+    cen, sc, sh = _channel_params(c, cm, S, B, CEN, HAS_SCALE, HAS_SHIFT, HAS_CENTER, BLOCK_C)
+    ws = _weights(Wt, c, cm, KH * KW)
+    xoff, xmask, cols_in = _tap_columns(ow0, c0, OW, C, W, PW, sxw, sxc, SW, DW, KW, BLOCK_W, BLOCK_C)
+    step = DW * sxw
+    ymask = (ow < OW)[:, None] & cm[None, :]
+    yoff = (ow * syw)[:, None] + (c * syc)[None, :]
+    xb = X + n.to(tl.int64) * sxn
+    yb = Y + n.to(tl.int64) * syn
+    rows = tl.minimum(OH - oh0, BLOCK_H)
+    if SH == 1 and DH == 1:
+        accs = ()  # the open output rows (their first tap rows summed)
+        for j in tl.static_range(KH - 1):
+            accs = accs + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
+        nr = rows + KH - 1
+        a, b = _stream_split(nr, KH - 1, PH - oh0, H + PH - oh0)
+        accs = _fwd_stream(0, a, accs, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh,
+                           ACT, HAS_SCALE, HAS_SHIFT, HAS_CENTER, KH, KW, True)
+        if cols_in:
+            accs = _fwd_stream(a, b, accs, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc,
+                               sh, ACT, HAS_SCALE, HAS_SHIFT, HAS_CENTER, KH, KW, False)
+        else:
+            accs = _fwd_stream(a, b, accs, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc,
+                               sh, ACT, HAS_SCALE, HAS_SHIFT, HAS_CENTER, KH, KW, True)
+        _fwd_stream(b, nr, accs, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh,
+                    ACT, HAS_SCALE, HAS_SHIFT, HAS_CENTER, KH, KW, True)
+    else:
+        a, b = _direct_split(rows, oh0, H, PH, SH, DH, KH)
+        _fwd_direct(0, a, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh, ACT,
+                    HAS_SCALE, HAS_SHIFT, HAS_CENTER, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        if cols_in:
+            _fwd_direct(a, b, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh, ACT,
+                        HAS_SCALE, HAS_SHIFT, HAS_CENTER, SH, DH, KH, KW, False, BLOCK_W, BLOCK_C)
+        else:
+            _fwd_direct(a, b, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh, ACT,
+                        HAS_SCALE, HAS_SHIFT, HAS_CENTER, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        _fwd_direct(b, rows, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yoff, ymask, cen, sc, sh, ACT,
+                    HAS_SCALE, HAS_SHIFT, HAS_CENTER, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+
+
+@triton.jit
+def _gu_row(acc, dyp, gcp, ymask, cen, sc, sh, lin, cst, dsa, dba, ACT: tl.constexpr,
+            HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_GC: tl.constexpr, NEED_RED: tl.constexpr,
+            TRAIN: tl.constexpr, MASKED: tl.constexpr):
+    """One output row of the backward's first pass: u from the recomputed conv, g = act'(u) * dy;
+    the dscale / dshift terms g * (conv - center) and g added to dsa / dba; gc = g * scale (+ the
+    batch-statistics terms lin * (conv - center) + cst in training) stored in gc's dtype. Lanes
+    outside the tile are zeroed (MASKED); the unmasked copy runs on full tiles only."""
+    zc = acc
+    if TRAIN:
+        zc = acc - cen
+    u = zc
     if HAS_SCALE:
-        acc = acc * tl.load(S + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        u = u * sc
     if HAS_SHIFT:
-        acc = acc + tl.load(B + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-    out = _act_fwd(acc, ACT)
-    yp = Y + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
-    tl.store(yp, out.to(Y.dtype.element_ty), mask=pm[:, None] & cm[None, :])
+        u = u + sh
+    g = _act_bwd(u, _load_row(dyp, ymask, MASKED), ACT)
+    if MASKED:  # lanes outside the tile: u is finite there but may overflow (silu's inf * 0)
+        g = tl.where(ymask, g, 0.0)
+    if NEED_RED:
+        dsa += g * zc
+        dba += g
+    if STORE_GC:
+        gc = g
+        if HAS_SCALE:
+            gc = g * sc
+        if TRAIN:
+            gc = gc + (lin * zc + cst)
+        _store_row(gcp, gc, ymask, MASKED)
+    return dsa, dba
 
 
-@triton.jit(do_not_specialize=["ACT", "N_BUCKET", "C_BUCKET", "HW_BUCKET"])  # one binary for all activations
+@triton.jit
+def _gu_stream(lo, hi, accs, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh, goff,
+               ymask, cen, sc, sh, lin, cst, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+               STORE_GC: tl.constexpr, NEED_RED: tl.constexpr, TRAIN: tl.constexpr, KH: tl.constexpr,
+               KW: tl.constexpr, MASKED: tl.constexpr):
+    """Trips lo..hi of the streamed first backward pass (as _fwd_stream)."""
+    for r in range(lo, hi):
+        ih = oh0 - PH + r
+        xs = _load_taps(xb + ih * sxh + xoff, step, xmask, (ih >= 0) & (ih < H), KW, MASKED)
+        done, accs = _roll_rows(xs, ws, accs, KH, KW)
+        o = oh0 + r - (KH - 1)
+        if MASKED:
+            if r >= KH - 1:
+                dsa, dba = _gu_row(done, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst,
+                                   dsa, dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, True)
+        else:
+            dsa, dba = _gu_row(done, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst,
+                               dsa, dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, False)
+    return accs, dsa, dba
+
+
+@triton.jit
+def _gu_direct(lo, hi, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh, goff,
+               ymask, cen, sc, sh, lin, cst, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+               STORE_GC: tl.constexpr, NEED_RED: tl.constexpr, TRAIN: tl.constexpr, SH: tl.constexpr,
+               DH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr, BLOCK_W: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """Rows oh0 + lo .. oh0 + hi of the direct first backward pass."""
+    for r in range(lo, hi):
+        o = oh0 + r
+        a = _direct_row(xb, o, sxh, xoff, step, xmask, H, PH, ws, SH, DH, KH, KW, MASKED, BLOCK_W, BLOCK_C)
+        dsa, dba = _gu_row(a, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst, dsa, dba,
+                           ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, MASKED)
+    return dsa, dba
+
+
+@triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
 def _dwconv_bwd_gu_kernel(
     X, Wt, S, B, DY, GC, PART,
-    N, C, H, W, OH, OW, NSPLIT,
+    C, H, W, OH, OW, BAND,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, sgn, sgc, sgh, sgw,
-    PH, PW, DH, DW,
+    PH, PW,
     CEN, LIN, CST,
-    ACT, N_BUCKET, C_BUCKET, HW_BUCKET,
-    SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    N_BUCKET, C_BUCKET, HW_BUCKET,
+    ACT: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_GC: tl.constexpr, NEED_RED: tl.constexpr,
     TRAIN: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (split s, channel block): every NSPLIT-th output tile from s on. Recomputes
-    u = conv(x)*scale + shift, g = act'(u)*dy; stores gc = g*scale (fp32); writes
-    PART[s, 0, c] = sum g*conv (dscale) and PART[s, 1, c] = sum g (dshift), float64.
+    """The backward's first pass, one program per band of BAND output rows x BLOCK_W columns x
+    BLOCK_C channels, streamed like the forward: recomputes u = conv(x)*scale + shift, forms
+    g = act'(u)*dy, stores gc = g*scale (STORE_GC; in GC's dtype, x's) and sums, in registers over
+    the band, g*conv (dscale) and g (dshift), written once as PART[t, 0, c] and PART[t, 1, c]
+    (fp32; t the band tile) when NEED_RED.
     TRAIN (batch-statistics BatchNorm): conv is centred on the batch mean CEN (u = (conv - CEN) *
     scale + shift, and the dscale sum is of g*(conv - CEN)), and gc = g*scale + LIN*(conv - CEN) +
     CST, the gradient of z through the batch statistics."""
-    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
-    s, c, cm = _program_coords(C, BLOCK_C)
-    if HAS_SCALE:
-        sc = tl.load(S + c, mask=cm, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        sh = tl.load(B + c, mask=cm, other=0.0).to(tl.float32)
+    t, n, oh0, ow0, c0 = _band_coords(C, OH, OW, BAND, BLOCK_W, BLOCK_C)
+    ow = ow0 + tl.arange(0, BLOCK_W)
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < C
+    cen, sc, sh = _channel_params(c, cm, S, B, CEN, HAS_SCALE, HAS_SHIFT, TRAIN, BLOCK_C)
+    lin = tl.zeros([1, BLOCK_C], dtype=tl.float32)
+    cst = tl.zeros([1, BLOCK_C], dtype=tl.float32)
     if TRAIN:
-        cen = tl.load(CEN + c, mask=cm, other=0.0)
-        lin = tl.load(LIN + c, mask=cm, other=0.0)
-        cst = tl.load(CST + c, mask=cm, other=0.0)
-    ds = tl.zeros([BLOCK_C], dtype=tl.float32)  # fp32 blocks, folded into (hi, lo) pairs
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    ds_hi = tl.zeros([BLOCK_C], dtype=tl.float32)
-    ds_lo = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db_hi = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db_lo = tl.zeros([BLOCK_C], dtype=tl.float32)
-    it = 0
-    ntiles = N * tl.cdiv(OH, BLOCK_H) * tl.cdiv(OW, BLOCK_W)
-    for t in range(s, ntiles, NSPLIT):
-        n, oh, ow = _tile_coords(t, OH, OW, BLOCK_H, BLOCK_W)
-        pm = (oh < OH) & (ow < OW)
-        m = pm[:, None] & cm[None, :]
-        acc = _conv_tile(X, Wt, n, oh, ow, c, cm, pm, H, W, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
-                         KH, KW, BLOCK_P, BLOCK_C)
-        if TRAIN:
-            zc = acc - cen[None, :]
+        lin = tl.load(LIN + c, mask=cm, other=0.0)[None, :]
+        cst = tl.load(CST + c, mask=cm, other=0.0)[None, :]
+    ws = _weights(Wt, c, cm, KH * KW)
+    xoff, xmask, cols_in = _tap_columns(ow0, c0, OW, C, W, PW, sxw, sxc, SW, DW, KW, BLOCK_W, BLOCK_C)
+    step = DW * sxw
+    ymask = (ow < OW)[:, None] & cm[None, :]
+    doff = (ow * sdw)[:, None] + (c * sdc)[None, :]
+    goff = (ow * sgw)[:, None] + (c * sgc)[None, :]
+    xb = X + n.to(tl.int64) * sxn
+    dyb = DY + n.to(tl.int64) * sdn
+    gb = GC + n.to(tl.int64) * sgn
+    dsa = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    dba = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    rows = tl.minimum(OH - oh0, BAND)
+    if SH == 1 and DH == 1:
+        accs = ()
+        for j in tl.static_range(KH - 1):
+            accs = accs + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
+        nr = rows + KH - 1
+        a, b = _stream_split(nr, KH - 1, PH - oh0, H + PH - oh0)
+        accs, dsa, dba = _gu_stream(0, a, accs, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff,
+                                    gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC,
+                                    NEED_RED, TRAIN, KH, KW, True)
+        if cols_in:
+            accs, dsa, dba = _gu_stream(a, b, accs, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh,
+                                        doff, gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT,
+                                        STORE_GC, NEED_RED, TRAIN, KH, KW, False)
         else:
-            zc = acc
-        u = zc
-        if HAS_SCALE:
-            u = u * sc[None, :]
-        if HAS_SHIFT:
-            u = u + sh[None, :]
-        dy = tl.load(DY + n.to(tl.int64) * sdn + (oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :],
-                     mask=m, other=0.0).to(tl.float32)
-        g = tl.where(m, _act_bwd(u, dy, ACT), 0.0)
-        if NEED_RED:
-            ds += tl.sum(g * zc, axis=0)
-            db += tl.sum(g, axis=0)
-            it += 1
-            if it % _FOLD_EVERY == 0:
-                ds_hi, ds_lo = _fold(ds_hi, ds_lo, ds)
-                db_hi, db_lo = _fold(db_hi, db_lo, db)
-                ds = tl.zeros([BLOCK_C], dtype=tl.float32)
-                db = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if STORE_GC:
-            gc = g
-            if HAS_SCALE:
-                gc = g * sc[None, :]
-            if TRAIN:
-                gc = gc + (lin[None, :] * zc + cst[None, :])
-            tl.store(GC + n.to(tl.int64) * sgn + (oh * sgh + ow * sgw)[:, None] + (c * sgc)[None, :], gc, mask=m)
+            accs, dsa, dba = _gu_stream(a, b, accs, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh,
+                                        doff, gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT,
+                                        STORE_GC, NEED_RED, TRAIN, KH, KW, True)
+        accs, dsa, dba = _gu_stream(b, nr, accs, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff,
+                                    gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC,
+                                    NEED_RED, TRAIN, KH, KW, True)
+    else:
+        a, b = _direct_split(rows, oh0, H, PH, SH, DH, KH)
+        dsa, dba = _gu_direct(0, a, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
+                              goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
+                              TRAIN, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        if cols_in:
+            dsa, dba = _gu_direct(a, b, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
+                                  goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
+                                  TRAIN, SH, DH, KH, KW, False, BLOCK_W, BLOCK_C)
+        else:
+            dsa, dba = _gu_direct(a, b, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
+                                  goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
+                                  TRAIN, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        dsa, dba = _gu_direct(b, rows, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
+                              goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
+                              TRAIN, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
     if NEED_RED:
-        ds_hi, ds_lo = _fold(ds_hi, ds_lo, ds)
-        db_hi, db_lo = _fold(db_hi, db_lo, db)
-        tl.store(PART + (s * 2) * C + c, ds_hi.to(tl.float64) + ds_lo.to(tl.float64), mask=cm)
-        tl.store(PART + (s * 2 + 1) * C + c, db_hi.to(tl.float64) + db_lo.to(tl.float64), mask=cm)
+        pr = PART + t.to(tl.int64) * 2 * C + c
+        tl.store(pr, tl.sum(dsa, axis=0), mask=cm)
+        tl.store(pr + C, tl.sum(dba, axis=0), mask=cm)
+
+
+@triton.jit
+def _dx_stream(lo, hi, accs, xwin, dwa, gb, i0, QH, OH, rows, sgh, goff, sgw, gmask, wf, xb, sxh, xoff, dxb, sdh,
+               doff, wmask, KH: tl.constexpr, KW: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Trips lo..hi of the streamed second backward pass: trip r reads gc row i0 - QH + r (its KW
+    column taps) and x row i0 + r (zeros past the band), finishes dx row i0 + r - (KH - 1) and adds
+    each (x row, gc tap) pair of the KH live x rows to its weight-gradient tap."""
+    KK: tl.constexpr = KH * KW
+    for r in range(lo, hi):
+        jj = i0 - QH + r
+        gs = _load_taps(gb + jj * sgh + goff, sgw, gmask, (jj >= 0) & (jj < OH), KW, MASKED)
+        if NEED_DX:
+            done, accs = _roll_rows(gs, wf, accs, KH, KW)
+            if MASKED:
+                if r >= KH - 1:
+                    _store_row(dxb + (i0 + r - (KH - 1)) * sdh + doff, done, wmask, True)
+            else:
+                _store_row(dxb + (i0 + r - (KH - 1)) * sdh + doff, done, wmask, False)
+        if NEED_DW:
+            xw = xwin + (_load_row(xb + (i0 + r) * sxh + xoff, wmask & (r < rows), MASKED),)
+            nd = ()
+            for k in tl.static_range(KK):  # tap (kh, kw) = (k // KW, k % KW): x row kh with gs[KW - 1 - kw]
+                nd = nd + (dwa[k] + xw[k // KW] * gs[KW - 1 - k % KW],)
+            dwa = nd
+            xwin = xw[1:]
+    return accs, xwin, dwa
+
+
+@triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
+def _dwconv_bwd_dx_rows_kernel(
+    X, Wt, GC, DX, PART,
+    C, H, W, OH, OW, BAND,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+    PH, PW,
+    N_BUCKET, C_BUCKET, HW_BUCKET,
+    KH: tl.constexpr, KW: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward's second pass at stride 1 without dilation, one program per band of BAND
+    input rows x BLOCK_W columns x BLOCK_C channels. dx is the forward conv of gc with the flipped
+    kernel and padding K-1-P, streamed like the forward: each trip reads one gc row (its KW column
+    taps, zeros outside gc) and finishes one dx row. The same gc taps give the weight gradient:
+    dweight[kh, kw] += x[i] * gc[i + PH - kh, w + PW - kw], with the band's x rows streamed beside
+    them (KH of them live), summed in registers over the band and written once per program as
+    PART[t, kh*KW + kw, c] (fp32). Each x element belongs to one band, so every (x, gc) pair is
+    counted once."""
+    KK: tl.constexpr = KH * KW
+    t, n, i0, w0, c0 = _band_coords(C, H, W, BAND, BLOCK_W, BLOCK_C)
+    w = w0 + tl.arange(0, BLOCK_W)
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < C
+    ws = _weights(Wt, c, cm, KK)
+    wf = ()  # the flipped kernel
+    for k in tl.static_range(KK):
+        wf = wf + (ws[KK - 1 - k],)
+    QH = KH - 1 - PH
+    QW = KW - 1 - PW
+    goff, gmask, cols_in = _tap_columns(w0, c0, W, C, OW, QW, sgw, sgc, 1, 1, KW, BLOCK_W, BLOCK_C)
+    wmask = (w < W)[:, None] & cm[None, :]
+    xoff = (w * sxw)[:, None] + (c * sxc)[None, :]
+    doff = (w * sdw)[:, None] + (c * sdc)[None, :]
+    xb = X + n.to(tl.int64) * sxn
+    gb = GC + n.to(tl.int64) * sgn
+    dxb = DX + n.to(tl.int64) * sdn
+    rows = tl.minimum(H - i0, BAND)
+    accs = ()
+    xwin = ()  # x rows i0 + r - (KH - 1) .. i0 + r - 1 (zeros outside the band)
+    for j in tl.static_range(KH - 1):
+        accs = accs + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
+        xwin = xwin + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
+    dwa = ()
+    for k in tl.static_range(KK):
+        dwa = dwa + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
+    nr = rows + KH - 1
+    # unmasked: gc row inside gc, a dx row finished, x row inside the band
+    a, b = _stream_split(rows, KH - 1, QH - i0, OH + QH - i0)
+    accs, xwin, dwa = _dx_stream(0, a, accs, xwin, dwa, gb, i0, QH, OH, rows, sgh, goff, sgw, gmask, wf, xb, sxh,
+                                 xoff, dxb, sdh, doff, wmask, KH, KW, NEED_DX, NEED_DW, True)
+    if cols_in:
+        accs, xwin, dwa = _dx_stream(a, b, accs, xwin, dwa, gb, i0, QH, OH, rows, sgh, goff, sgw, gmask, wf, xb, sxh,
+                                     xoff, dxb, sdh, doff, wmask, KH, KW, NEED_DX, NEED_DW, False)
+    else:
+        accs, xwin, dwa = _dx_stream(a, b, accs, xwin, dwa, gb, i0, QH, OH, rows, sgh, goff, sgw, gmask, wf, xb, sxh,
+                                     xoff, dxb, sdh, doff, wmask, KH, KW, NEED_DX, NEED_DW, True)
+    accs, xwin, dwa = _dx_stream(b, nr, accs, xwin, dwa, gb, i0, QH, OH, rows, sgh, goff, sgw, gmask, wf, xb, sxh,
+                                 xoff, dxb, sdh, doff, wmask, KH, KW, NEED_DX, NEED_DW, True)
+    if NEED_DW:
+        pr = PART + t.to(tl.int64) * KK * C + c
+        for k in tl.static_range(KK):
+            tl.store(pr + k * C, tl.sum(dwa[k], axis=0), mask=cm)
 
 
 @triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
@@ -431,11 +838,66 @@ _NCHW_CONFIGS = [_cfg(8, 32, 1, 4), _cfg(16, 32, 1, 4), _cfg(4, 64, 1, 4), _cfg(
 _INTERP_CL = [_cfg(8, 8, 16, 4)]
 _INTERP_NCHW = [_cfg(16, 16, 1, 4)]
 
+# The forward (row bands: BLOCK_H is the rows a program streams through, [BLOCK_W, BLOCK_C] one
+# row of its outputs), by layout and tap count (up to 3x3, up to 5x5, more). Up to 3x3 taps: rows
+# of 8 elements per thread (a 16-byte vector of fp16 channels); larger kernels: 4 (5x5) or 2 (7x7)
+# per thread, so that the KH*KW weight registers per channel fit without spilling. NCHW: BLOCK_C
+# channels of BLOCK_W columns, 4 columns per thread (2 from 7x7 on); the 8- and 16-column tiles
+# keep 7x7 and 14x14 planes from running mostly masked lanes.
+_FWD_NCHW = [_cfg(16, 128, 4, 4), _cfg(16, 64, 8, 4), _cfg(16, 32, 16, 4), _cfg(16, 16, 32, 4), _cfg(8, 8, 64, 4)]
+_FWD_CONFIGS = {
+    (True, 0): [_cfg(16, 16, 64, 4), _cfg(16, 32, 32, 4), _cfg(16, 8, 128, 4), _cfg(8, 16, 64, 4),
+                _cfg(16, 16, 128, 8)],
+    (True, 1): [_cfg(16, 16, 32, 4), _cfg(16, 8, 64, 4), _cfg(32, 16, 32, 4), _cfg(16, 32, 16, 4)],
+    (True, 2): [_cfg(16, 8, 32, 4), _cfg(32, 8, 32, 4), _cfg(16, 16, 16, 4), _cfg(16, 4, 64, 4)],
+    (False, 0): _FWD_NCHW,
+    (False, 1): _FWD_NCHW,
+    (False, 2): [_cfg(16, 64, 4, 4), _cfg(16, 32, 8, 4), _cfg(16, 16, 16, 4), _cfg(16, 8, 32, 4)],
+}
+_INTERP_FWD = {True: [_cfg(8, 8, 16, 4)], False: [_cfg(8, 16, 4, 4)]}
+
+
+def _fwd_table_key(cl: bool, taps: int):
+    """The forward's config list for a layout and a tap count KH*KW."""
+    return cl, (0 if taps <= 9 else 1 if taps <= 25 else 2)
+
 
 def _configs(channels_last: bool):
     if INTERPRET:
         return _INTERP_CL if channels_last else _INTERP_NCHW
     cfgs = _CL_CONFIGS if channels_last else _NCHW_CONFIGS
+    return cfgs if AUTOTUNE else cfgs[:1]
+
+
+def _fwd_configs(key):
+    """key: _fwd_table_key."""
+    if INTERPRET:
+        return _INTERP_FWD[key[0]]
+    cfgs = _FWD_CONFIGS[key]
+    return cfgs if AUTOTUNE else cfgs[:1]
+
+
+# The band kernels of the backward (gu, and dx at stride 1): one program per band of BAND rows x
+# BLOCK_W columns (both chosen on the host, _band_plan, because they fix how many partial-sum rows
+# there are), autotuned over the channel block, by tap-count class (_fwd_table_key). Up to 3x3:
+# 8 elements per thread and row for channels_last (a 16-byte vector of fp16 channels), 4 for NCHW
+# (the dx kernel's KH*KW weight-gradient registers spill at 8 there); 5x5: 2; 7x7 and up: 1, so
+# that the KH*KW weight and weight-gradient registers per element fit without spilling.
+def _bcfg(bw, bc, warps):
+    return triton.Config({"BLOCK_W": bw, "BLOCK_C": bc}, num_warps=warps, num_stages=1)
+
+
+_BAND_KEYS = [(cl, bw, kc) for kc in (0, 1, 2) for cl, bw in [(True, 8)] + [(False, b) for b in (8, 16, 32, 64)]]
+
+
+def _band_configs(key):
+    """key: (channels_last, BLOCK_W, tap-count class)."""
+    cl, bw, kc = key
+    if INTERPRET:
+        return [_bcfg(bw, max(1, 128 // bw), 4)]
+    per = ((8 if cl else 4), 2, 1)[kc]  # elements per thread and row
+    cfgs = [_bcfg(bw, max(1, per * 128 // bw), 4), _bcfg(bw, max(1, per * 256 // bw), 8),
+            _bcfg(bw, max(1, per * 64 // bw), 4)]
     return cfgs if AUTOTUNE else cfgs[:1]
 
 
@@ -451,21 +913,24 @@ def _tuned(kernel, channels_last: bool):
     return _autotune(kernel, _configs(channels_last))
 
 
-def _pinned_table(kernel, tuned):
+def _pinned_table(kernel, tuned, configs=_configs):
     """The pinned kernels (first config) beside the tuned ones: the same table when one config is
     all there is (interpreter, FASTDW_TRITON_AUTOTUNE=0)."""
     if all(len(k.configs) == 1 for k in tuned.values()):
         return tuned
-    return {cl: _autotune(kernel, _configs(cl)[:1]) for cl in (True, False)}
+    return {key: _autotune(kernel, configs(key)[:1]) for key in tuned}
 
 
-_FWD = {cl: _tuned(_dwconv_fwd_kernel, cl) for cl in (True, False)}
-_BWD_GU = {cl: _tuned(_dwconv_bwd_gu_kernel, cl) for cl in (True, False)}
+_FWD = {key: _autotune(_dwconv_fwd_kernel, _fwd_configs(key)) for key in _FWD_CONFIGS}
+_BWD_GU = {key: _autotune(_dwconv_bwd_gu_kernel, _band_configs(key)) for key in _BAND_KEYS}
+_BWD_DX_ROWS = {key: _autotune(_dwconv_bwd_dx_rows_kernel, _band_configs(key)) for key in _BAND_KEYS}
 _BWD_DX = {cl: _tuned(_dwconv_bwd_dx_kernel, cl) for cl in (True, False)}
 _TRAIN_STATS = {cl: _tuned(_dwconv_train_stats_kernel, cl) for cl in (True, False)}
-_PINNED = {id(t): _pinned_table(k, t) for k, t in ((_dwconv_fwd_kernel, _FWD), (_dwconv_bwd_gu_kernel, _BWD_GU),
-                                                  (_dwconv_bwd_dx_kernel, _BWD_DX),
+_PINNED = {id(t): _pinned_table(k, t) for k, t in ((_dwconv_bwd_dx_kernel, _BWD_DX),
                                                   (_dwconv_train_stats_kernel, _TRAIN_STATS))}
+_PINNED[id(_FWD)] = _pinned_table(_dwconv_fwd_kernel, _FWD, _fwd_configs)
+_PINNED[id(_BWD_GU)] = _pinned_table(_dwconv_bwd_gu_kernel, _BWD_GU, _band_configs)
+_PINNED[id(_BWD_DX_ROWS)] = _pinned_table(_dwconv_bwd_dx_rows_kernel, _BWD_DX_ROWS, _band_configs)
 # (kernel, key) pairs this process launched through the autotuner outside a CUDA-graph capture
 _TUNED_KEYS: set = set()
 
@@ -474,13 +939,13 @@ def _capturing(x) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _run(table, grid, args, consts, x, k, deterministic=None):
+def _run(table, grid, args, consts, x, k, deterministic=None, tkey=None):
     """Launch a kernel of `table` (_FWD, ...) for the launch's plan `k` (_common) with positional
     `args` and constexpr keyword arguments `consts`: the autotuned one, or the pinned one in
     deterministic mode (None: deterministic_requested()) and for a key not yet tuned while the
     stream is being captured. Traced calls (torch.compile) take the autotuned one: Inductor tunes
     user kernels itself."""
-    cl = k["cl"]
+    cl = k["cl"] if tkey is None else tkey  # the table's key: the layout (and, forward, the tap count class)
     kernel, pinned = table[cl], _PINNED[id(table)]
     key = None
     if pinned is not table:
@@ -534,13 +999,24 @@ def _num_splits(x: Tensor, positions: int, channel_programs: int) -> int:
     return max(1, min(triton.cdiv(positions, 256), (8 * sms) // max(1, channel_programs)))
 
 
-def _check_triton_limits(x):
-    """What the Triton kernels add to the op's argument checks: no fp64, int32 offsets per image."""
+def _check_triton_limits(x, OH=None, OW=None, *more):
+    """What the Triton kernels add to the op's argument checks: no fp64, and int32 offsets inside
+    an image: C*H*W and C*OH*OW < 2**31, and the elements x and the tensors `more` (grad_out)
+    span inside one image through their strides (a strided view of a larger tensor) too."""
     torch._check_type(x.dtype in (torch.float32, torch.float16, torch.bfloat16),
                       lambda: f"fastdw: the Triton backend takes float32, float16 or bfloat16 x; got {x.dtype}")
-    torch._check_value(x.shape[1] * x.shape[2] * x.shape[3] < 2 ** 31,
-                       lambda: "fastdw: the Triton backend needs C*H*W < 2**31 elements per image; got "
-                               f"{list(x.shape)}")
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    for n in (C * H * W, None if OH is None else C * OH * OW):
+        if n is not None:
+            torch._check_value(n < 2 ** 31,
+                               lambda: "fastdw: the Triton backend needs C*H*W and C*OH*OW < 2**31 elements per "
+                                       f"image (int32 offsets); got x {list(x.shape)}, output {OH}x{OW}")
+    for t in (x, *more):
+        span = sum((t.shape[d] - 1) * t.stride(d) for d in (1, 2, 3))
+        torch._check_value(span < 2 ** 31,
+                           lambda: "fastdw: the Triton backend addresses one image with int32 offsets: a tensor "
+                                   f"of shape {list(t.shape)} and strides {list(t.stride())} spans {span} "
+                                   "elements per image (needs < 2**31; make it contiguous)")
 
 
 def _check_bwd(grad_out, x, OH, OW, output_mask):
@@ -583,19 +1059,20 @@ def _plan(x, weight, OH, OW) -> _Plan:
 
 def _fwd_plan(x, weight, scale, shift, stride, padding, dilation, act) -> _Plan:
     OH, OW = check_args(x, weight, scale, shift, stride, padding, dilation, act)
-    _check_triton_limits(x)
+    _check_triton_limits(x, OH, OW)
     return _plan(x, weight, OH, OW)
 
 
 def _bwd_plan(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask) -> _Plan:
     pl = _fwd_plan(x, weight, scale, shift, stride, padding, dilation, act)
     _check_bwd(grad_out, x, pl.OH, pl.OW, output_mask)
+    _check_triton_limits(x, pl.OH, pl.OW, grad_out)
     return pl
 
 
 def _train_fwd_plan(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act) -> _Plan:
     OH, OW = check_train_args(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
-    _check_triton_limits(x)
+    _check_triton_limits(x, OH, OW)
     return _plan(x, weight, OH, OW)
 
 
@@ -604,6 +1081,7 @@ def _train_bwd_plan(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, v
     pl = _train_fwd_plan(x, weight, None, gamma, beta, stride, padding, dilation, eps, act)
     check_channel_vectors(x, mean=mean, var=var, grad_mean=grad_mean, grad_var=grad_var)
     _check_bwd(grad_y, x, pl.OH, pl.OW, output_mask)
+    _check_triton_limits(x, pl.OH, pl.OW, grad_y)
     return pl
 
 
@@ -687,11 +1165,11 @@ def _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, pl: _Pl
         x, k["wt"], k["s"], k["b"], center if center is not None else k["wt"], y,
         C, k["H"], k["W"], OH, OW,
         *x.stride(), *y.stride(),
-        padding[0], padding[1], dilation[0], dilation[1],
-        k["act"], *k["buckets"],
-    ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+        padding[0], padding[1],
+        *k["buckets"],
+    ), dict(ACT=k["act"], SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KH=k["KH"], KW=k["KW"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_CENTER=center is not None),
-        x, k)
+        x, k, tkey=_fwd_table_key(k["cl"], k["KH"] * k["KW"]))
     return y
 
 
@@ -700,35 +1178,89 @@ def _cprog(k) -> int:
     return triton.cdiv(k["C"], 64) if k["cl"] else k["C"]
 
 
+def _band_plan(x, k, rows, cols):
+    """(BAND, BLOCK_W, band tiles) of a band kernel over a rows x cols plane per image: BLOCK_W
+    8 columns for channels_last (channels fill the tile), else the plane's width rounded up to a
+    power of two within 8..64; BAND the most rows per program (64, 32, 16) that still makes about
+    four programs per SM. Depends on the shapes and the GPU, never on the autotuned config, so the
+    host knows how many partial-sum rows the programs write."""
+    bw = 8 if k["cl"] else min(16 if INTERPRET else 64, max(8, _next_pow2(cols)))
+    tiles = k["N"] * triton.cdiv(cols, bw)
+    if INTERPRET or x.device.type != "cuda":
+        band = 8
+    else:
+        programs = tiles * triton.cdiv(k["C"], _band_configs(_band_key(k, bw))[0].kwargs["BLOCK_C"])
+        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        band = next((b for b in (64, 32) if programs * triton.cdiv(rows, b) >= 4 * sms), 16)
+    return band, bw, tiles * triton.cdiv(rows, band)
+
+
+def _band_key(k, bw):
+    return (k["cl"], bw, _fwd_table_key(k["cl"], k["KH"] * k["KW"])[1])
+
+
+def _gc_dtype(x, weight):
+    """The dtype of the backward's gc workspace (the gradient at the conv's output): x's, as stock
+    hands its BatchNorm backward's output to the conv backward, when the weight has x's dtype too
+    (half the bytes in fp16/bf16); fp32 when the weight is fp32 beside a low-precision x (autocast's
+    case): the weight gradient then keeps fp32's accuracy."""
+    return x.dtype if weight.dtype == x.dtype else torch.float32
+
+
 def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale, has_shift, store_gc, need_red,
                deterministic, train=None):
-    """The gu kernel over all outputs: gc (when store_gc) and the (NSPLIT, 2, C) partial sums of
-    dscale / dshift (returned when need_red). train = (center, lin, cst) switches on the
+    """The gu kernel over all outputs: gc (when store_gc) and the (tiles, 2, C) fp32 partial sums
+    of dscale / dshift (returned when need_red). train = (center, lin, cst) switches on the
     batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
-    N, C, H, W = k["N"], k["C"], k["H"], k["W"]
-    ns = _num_splits(x, N * OH * OW, _cprog(k))
-    part = torch.empty((ns, 2, C), dtype=torch.float64, device=x.device) if need_red else gc
+    C, H, W = k["C"], k["H"], k["W"]
+    band, bw, tiles = _band_plan(x, k, OH, OW)
+    part = torch.empty((tiles, 2, C), dtype=torch.float32, device=x.device) if need_red else gc
     cen, lin, cst = train if train is not None else (k["wt"],) * 3
 
     def grid(meta):
-        return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
 
     _run(_BWD_GU, grid, (
         x, k["wt"], k["s"], k["b"], grad_out, gc, part,
-        N, C, H, W, OH, OW, ns,
+        C, H, W, OH, OW, band,
         *x.stride(), *grad_out.stride(), *(gc.stride() if store_gc else (0, 0, 0, 0)),
-        padding[0], padding[1], dilation[0], dilation[1],
+        padding[0], padding[1],
         cen, lin, cst,
-        k["act"], *k["buckets"],
-    ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"],
+        *k["buckets"],
+    ), dict(ACT=k["act"], SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KH=k["KH"], KW=k["KW"],
             HAS_SCALE=has_scale, HAS_SHIFT=has_shift, STORE_GC=store_gc, NEED_RED=need_red,
-            TRAIN=train is not None), x, k, deterministic)
+            TRAIN=train is not None), x, k, deterministic, tkey=_band_key(k, bw))
     return part if need_red else None
+
+
+def _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, deterministic):
+    """The stride-1, undilated dx kernel from gc: fills dx (when need_dx) and returns dweight as
+    (C, KH*KW) float64 (when need_dw, else None)."""
+    C, H, W = k["C"], k["H"], k["W"]
+    KK = k["KH"] * k["KW"]
+    band, bw, tiles = _band_plan(x, k, H, W)
+    part = torch.empty((tiles, KK, C), dtype=torch.float32, device=x.device) if need_dw else gc
+
+    def grid(meta):
+        return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    _run(_BWD_DX_ROWS, grid, (
+        x, k["wt"], gc, dx, part,
+        C, H, W, OH, OW, band,
+        *x.stride(), *gc.stride(), *(dx.stride() if need_dx else (0, 0, 0, 0)),
+        padding[0], padding[1],
+        *k["buckets"],
+    ), dict(KH=k["KH"], KW=k["KW"], NEED_DX=need_dx, NEED_DW=need_dw), x, k, deterministic,
+         tkey=_band_key(k, bw))
+    return part.sum(dim=0, dtype=torch.float64).t() if need_dw else None
 
 
 def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic):
     """The dx kernel from gc (the gradient of the conv output): fills dx (when need_dx) and
-    returns dweight as (C, KH*KW) float64 (when need_dw, else None)."""
+    returns dweight as (C, KH*KW) float64 (when need_dw, else None). Stride 1 without dilation
+    streams rows (_launch_dx_rows); otherwise the split kernel gathers every tap."""
+    if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1):
+        return _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, deterministic)
     N, C, H, W = k["N"], k["C"], k["H"], k["W"]
     KK = k["KH"] * k["KW"]
     KKP = _next_pow2(KK)
@@ -763,44 +1295,46 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
         return _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl)
 
 
+def _grad_out(t, like, need, shape, x):
+    """A parameter's gradient from its float64 sum t: in the parameter's dtype (fp32 when it is
+    absent) and the given shape, a new tensor (the gradients never alias); zeros when there was
+    nothing to sum (t None); an empty (0,) tensor where it was not asked for."""
+    dtype = like.dtype if like is not None else torch.float32
+    if not need:
+        return torch.empty((0,), dtype=dtype, device=x.device)
+    if t is None:
+        return torch.zeros(shape, dtype=dtype, device=x.device)
+    return t.to(dtype, memory_format=torch.contiguous_format).reshape(shape)
+
+
 def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl):
     OH, OW = pl.OH, pl.OW
     N, C, H, W = x.shape
     need_dx, need_dw = bool(output_mask[0]), bool(output_mask[1])
     need_ds, need_db = bool(output_mask[2]) and scale is not None, bool(output_mask[3]) and shift is not None
     fmt = pl.fmt
-    f32 = dict(dtype=torch.float32, device=x.device)
     KH, KW = weight.shape[2], weight.shape[3]
-    KK = KH * KW
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
         else torch.empty((0,), dtype=x.dtype, device=x.device)
-    dw = torch.zeros((C, KK), **f32) if need_dw else None
-    ds = torch.zeros((C,), **f32) if need_ds else None
-    db = torch.zeros((C,), **f32) if need_db else None
+    dw = dsb = None  # float64 sums: (C, KH*KW) and (2, C)
 
     if x.numel() > 0 and (need_dx or need_dw or need_ds or need_db):
         k = _common(x, weight, scale, shift, act, pl)
         need_red = need_ds or need_db
         store_gc = need_dx or need_dw
-        gc = torch.empty((N, C, OH, OW), memory_format=fmt, **f32) if store_gc else dx
+        gc = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device) \
+            if store_gc else dx
         part1 = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
                            has_shift=shift is not None, store_gc=store_gc, need_red=need_red,
                            deterministic=deterministic)
         if need_red:
-            # separate sums: the returned gradients must not alias each other
-            if need_ds:
-                ds = part1[:, 0].sum(dim=0)
-            if need_db:
-                db = part1[:, 1].sum(dim=0)
+            dsb = part1.sum(dim=0, dtype=torch.float64)
         if store_gc:
             dw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
 
-    def out(t, like):  # in the input's dtype; an empty (0,) tensor where not asked for
-        dtype = like.dtype if like is not None else torch.float32
-        return t.to(dtype) if t is not None else torch.empty((0,), dtype=dtype, device=x.device)
-
-    return (dx, out(dw.reshape(C, 1, KH, KW) if need_dw else None, weight).contiguous(), out(ds, scale),
-            out(db, shift))
+    return (dx, _grad_out(dw, weight, need_dw, (C, 1, KH, KW), x),
+            _grad_out(dsb[0] if dsb is not None else None, scale, need_ds, (C,), x),
+            _grad_out(dsb[1] if dsb is not None else None, shift, need_db, (C,), x))
 
 
 # ------------------------------------------------------------------------------------------
@@ -883,9 +1417,7 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
     KH, KW = weight.shape[2], weight.shape[3]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
         else torch.empty((0,), dtype=x.dtype, device=x.device)
-    dw = torch.zeros((C, KH * KW), dtype=torch.float32, device=x.device) if need_dw else None
-    dg = torch.zeros((C,), dtype=torch.float32, device=x.device)
-    db = torch.zeros((C,), dtype=torch.float32, device=x.device)
+    dw = dg = db = None  # float64 sums; zeros when there is nothing to sum
     M = N * OH * OW
     if M > 0 and C > 0:
         # the per-channel algebra in float64 (invstd, the sums, the dz coefficients); fp32 to the kernels
@@ -896,7 +1428,7 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
         k = _common(x, weight, scale.float(), _f32_or(beta, x, 0.0), act, pl)
         part = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                           store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
-        S, B = part[:, 0].sum(dim=0), part[:, 1].sum(dim=0)
+        S, B = part[:, 0].sum(dim=0, dtype=torch.float64), part[:, 1].sum(dim=0, dtype=torch.float64)
         dg, db = invstd * S, B
         if need_dx or need_dw:
             lin = -(g * invstd.pow(3) * S)
@@ -906,19 +1438,15 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
             if grad_mean is not None:
                 cst = cst + grad_mean.double()
             lin, cst = (lin / M).float().contiguous(), (cst / M).float().contiguous()
-            gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=torch.float32, device=x.device)
+            gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device)
             _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                        store_gc=True, need_red=False, deterministic=deterministic, train=(center, lin, cst))
             dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
     elif need_dx:
         dx.zero_()
 
-    def out(t, like, need):  # in the input's dtype; an empty (0,) tensor where not asked for
-        dtype = like.dtype if like is not None else torch.float32
-        return t.to(dtype) if need else torch.empty((0,), dtype=dtype, device=x.device)
-
-    return (dx, out(dw.reshape(C, 1, KH, KW) if need_dw else None, weight, need_dw).contiguous(),
-            out(dg, gamma, need_dg), out(db, beta, need_db))
+    return (dx, _grad_out(dw, weight, need_dw, (C, 1, KH, KW), x), _grad_out(dg, gamma, need_dg, (C,), x),
+            _grad_out(db, beta, need_db, (C,), x))
 
 
 # ------------------------------------------------------------------------------------------
@@ -927,14 +1455,14 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
 
 def _fwd_fake(x, weight, scale, shift, stride, padding, dilation, act):
     out = AG.fake_forward(x, weight, scale, shift, stride, padding, dilation, act)
-    _check_triton_limits(x)
+    _check_triton_limits(x, out.shape[2], out.shape[3])
     return out
 
 
 def _bwd_fake(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic):
     out = AG.fake_backward(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask,
                            deterministic)
-    _check_triton_limits(x)
+    _check_triton_limits(x, grad_out.shape[2], grad_out.shape[3], grad_out)
     return out
 
 
@@ -956,7 +1484,7 @@ _bwd_op.register_autograd(AG.double_backward, setup_context=AG.no_setup_context)
 
 def _train_fwd_fake(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act):
     out = AG.fake_train_forward(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
-    _check_triton_limits(x)
+    _check_triton_limits(x, out[0].shape[2], out[0].shape[3])
     return out
 
 
@@ -964,7 +1492,7 @@ def _train_bwd_fake(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, v
                     act, output_mask, deterministic):
     out = AG.fake_train_backward(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, stride, padding,
                                  dilation, eps, act, output_mask, deterministic)
-    _check_triton_limits(x)
+    _check_triton_limits(x, grad_y.shape[2], grad_y.shape[3], grad_y)
     return out
 
 
