@@ -612,7 +612,7 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
         for kernel, a, kw in calls:
             fn = kernel.fn
             kind = {"_dwconv_fwd_kernel": "fwd", "_dwconv_bwd_gu_kernel": "gu", "_dwconv_bwd_dx_kernel": "dx",
-                    "_dwconv_bwd_dx_rows_kernel": "dx"}.get(fn.__name__)
+                    "_dwconv_bwd_dx_rows_kernel": "dx", "_dwconv_bwd_dx_s2_kernel": "dx"}.get(fn.__name__)
             # the inference kernels only (the training variants: TRAIN / HAS_CENTER)
             if kind is None or kw.get("TRAIN") or kw.get("HAS_CENTER") or kind in per_kind:
                 continue

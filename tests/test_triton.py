@@ -158,7 +158,10 @@ INTERP_BWD = ([(torch.float32, layout, act, INTERP_CONFIGS[(j + i) % 3])
               + [(dt, layout, "hardswish", (3, 2, 1, 1)) for dt in (torch.float16, torch.bfloat16)
                  for layout in ("contiguous", "channels_last")]
               + [(torch.float32, layout, "relu6", cfg) for layout in ("contiguous", "channels_last")
-                 for cfg in ((5, 2, 2, 1), (7, 1, 3, 2), ((3, 5), (2, 1), (1, 2), 1))])
+                 for cfg in ((5, 2, 2, 1), (7, 1, 3, 2), ((3, 5), (2, 1), (1, 2), 1))]
+              # stride 2 by parity: a 1x1 kernel (odd rows and columns get no tap), an even kernel
+              + [(torch.float32, layout, "silu", cfg) for layout in ("contiguous", "channels_last")
+                 for cfg in ((1, 2, 0, 1), (2, 2, 1, 1), ((4, 3), 2, (2, 0), 1))])
 
 
 @requires_interp
@@ -664,7 +667,7 @@ def _fake_tables(monkeypatch):
     interpreter); what the test sees is which object the launcher chose."""
     out = {}
     pinned_all = dict(T._PINNED)
-    for name in ("_FWD", "_BWD_GU", "_BWD_DX_ROWS", "_BWD_DX", "_TRAIN_STATS"):
+    for name in ("_FWD", "_BWD_GU", "_BWD_DX_ROWS", "_BWD_DX_S2", "_BWD_DX", "_TRAIN_STATS"):
         tuned = getattr(T, name)
         pinned = {cl: T._autotune(k.fn, k.configs[:1]) for cl, k in tuned.items()}
         pinned_all[id(tuned)] = pinned

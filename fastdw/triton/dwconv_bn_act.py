@@ -235,14 +235,17 @@ def _roll_rows(xs, ws, accs, KH: tl.constexpr, KW: tl.constexpr):
 def _direct_row(xb, o, sxh, xoff, step, xmask, H, PH, ws, SH: tl.constexpr, DH: tl.constexpr,
                 KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr, BLOCK_W: tl.constexpr,
                 BLOCK_C: tl.constexpr):
-    """Output row o from its KH*KW taps (stride > 1 or row dilation: no row reuse to stream)."""
+    """Output row o from its KH*KW taps (stride > 1 or row dilation: no row reuse to stream), and
+    the taps (flat, kh * KW + kw), for a caller that pairs them with the row's gradient."""
     a = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    taps = ()
     for kh in tl.static_range(KH):
         ih = o * SH - PH + kh * DH
         xs = _load_taps(xb + ih * sxh + xoff, step, xmask, (ih >= 0) & (ih < H), KW, MASKED)
         for kw in tl.static_range(KW):
             a += xs[kw] * ws[kh * KW + kw]
-    return a
+        taps = taps + xs
+    return a, taps
 
 
 @triton.jit
@@ -369,7 +372,7 @@ def _fwd_direct(lo, hi, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, yb, syh, yof
                 BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """Rows oh0 + lo .. oh0 + hi of the direct forward."""
     for r in range(lo, hi):
-        a = _direct_row(xb, oh0 + r, sxh, xoff, step, xmask, H, PH, ws, SH, DH, KH, KW, MASKED, BLOCK_W, BLOCK_C)
+        a, _ = _direct_row(xb, oh0 + r, sxh, xoff, step, xmask, H, PH, ws, SH, DH, KH, KW, MASKED, BLOCK_W, BLOCK_C)
         _fwd_epilogue(a, yb + (oh0 + r) * syh + yoff, ymask, cen, sc, sh, ACT, HAS_SCALE, HAS_SHIFT, HAS_CENTER,
                       MASKED)
 
@@ -445,7 +448,8 @@ def _gu_row(acc, dyp, gcp, ymask, cen, sc, sh, lin, cst, dsa, dba, ACT: tl.const
             TRAIN: tl.constexpr, MASKED: tl.constexpr):
     """One output row of the backward's first pass: u from the recomputed conv, g = act'(u) * dy;
     the dscale / dshift terms g * (conv - center) and g added to dsa / dba; gc = g * scale (+ the
-    batch-statistics terms lin * (conv - center) + cst in training) stored in gc's dtype. Lanes
+    batch-statistics terms lin * (conv - center) + cst in training) stored in gc's dtype and
+    returned (fp32). Lanes
     outside the tile are zeroed (MASKED); the unmasked copy runs on full tiles only."""
     zc = acc
     if TRAIN:
@@ -461,14 +465,14 @@ def _gu_row(acc, dyp, gcp, ymask, cen, sc, sh, lin, cst, dsa, dba, ACT: tl.const
     if NEED_RED:
         dsa += g * zc
         dba += g
+    gc = g
+    if HAS_SCALE:
+        gc = g * sc
+    if TRAIN:
+        gc = gc + (lin * zc + cst)
     if STORE_GC:
-        gc = g
-        if HAS_SCALE:
-            gc = g * sc
-        if TRAIN:
-            gc = gc + (lin * zc + cst)
         _store_row(gcp, gc, ymask, MASKED)
-    return dsa, dba
+    return dsa, dba, gc
 
 
 @triton.jit
@@ -484,32 +488,38 @@ def _gu_stream(lo, hi, accs, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, w
         o = oh0 + r - (KH - 1)
         if MASKED:
             if r >= KH - 1:
-                dsa, dba = _gu_row(done, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst,
-                                   dsa, dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, True)
+                dsa, dba, _ = _gu_row(done, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin,
+                                      cst, dsa, dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, True)
         else:
-            dsa, dba = _gu_row(done, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst,
-                               dsa, dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, False)
+            dsa, dba, _ = _gu_row(done, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst,
+                                  dsa, dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, False)
     return accs, dsa, dba
 
 
 @triton.jit
-def _gu_direct(lo, hi, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh, goff,
+def _gu_direct(lo, hi, dsa, dba, dwa, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh, goff,
                ymask, cen, sc, sh, lin, cst, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-               STORE_GC: tl.constexpr, NEED_RED: tl.constexpr, TRAIN: tl.constexpr, SH: tl.constexpr,
-               DH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr, BLOCK_W: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """Rows oh0 + lo .. oh0 + hi of the direct first backward pass."""
+               STORE_GC: tl.constexpr, NEED_RED: tl.constexpr, TRAIN: tl.constexpr, NEED_DW: tl.constexpr,
+               SH: tl.constexpr, DH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows oh0 + lo .. oh0 + hi of the direct first backward pass; NEED_DW: the weight gradient
+    too, each tap of a row times the row's gc, summed in registers (dwa)."""
     for r in range(lo, hi):
         o = oh0 + r
-        a = _direct_row(xb, o, sxh, xoff, step, xmask, H, PH, ws, SH, DH, KH, KW, MASKED, BLOCK_W, BLOCK_C)
-        dsa, dba = _gu_row(a, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst, dsa, dba,
-                           ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, MASKED)
-    return dsa, dba
+        a, taps = _direct_row(xb, o, sxh, xoff, step, xmask, H, PH, ws, SH, DH, KH, KW, MASKED, BLOCK_W, BLOCK_C)
+        dsa, dba, gc = _gu_row(a, dyb + o * sdh + doff, gb + o * sgh + goff, ymask, cen, sc, sh, lin, cst, dsa,
+                               dba, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED, TRAIN, MASKED)
+        if NEED_DW:
+            nd = ()
+            for k in tl.static_range(KH * KW):
+                nd = nd + (dwa[k] + taps[k] * gc,)
+            dwa = nd
+    return dsa, dba, dwa
 
 
 @triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
 def _dwconv_bwd_gu_kernel(
-    X, Wt, S, B, DY, GC, PART,
+    X, Wt, S, B, DY, GC, PART, PARTW,
     C, H, W, OH, OW, BAND,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, sgn, sgc, sgh, sgw,
     PH, PW,
@@ -518,7 +528,7 @@ def _dwconv_bwd_gu_kernel(
     ACT: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, STORE_GC: tl.constexpr, NEED_RED: tl.constexpr,
-    TRAIN: tl.constexpr,
+    TRAIN: tl.constexpr, NEED_DW: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The backward's first pass, one program per band of BAND output rows x BLOCK_W columns x
@@ -528,7 +538,9 @@ def _dwconv_bwd_gu_kernel(
     (fp32; t the band tile) when NEED_RED.
     TRAIN (batch-statistics BatchNorm): conv is centred on the batch mean CEN (u = (conv - CEN) *
     scale + shift, and the dscale sum is of g*(conv - CEN)), and gc = g*scale + LIN*(conv - CEN) +
-    CST, the gradient of z through the batch statistics."""
+    CST, the gradient of z through the batch statistics.
+    NEED_DW (the direct rows: stride > 1 or row dilation): the weight gradient as well, from the
+    taps the row already read, PARTW[t, k, c] (fp32); the dx pass then computes dx only."""
     t, n, oh0, ow0, c0 = _band_coords(C, OH, OW, BAND, BLOCK_W, BLOCK_C)
     ow = ow0 + tl.arange(0, BLOCK_W)
     c = c0 + tl.arange(0, BLOCK_C)
@@ -572,21 +584,28 @@ def _dwconv_bwd_gu_kernel(
                                     gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC,
                                     NEED_RED, TRAIN, KH, KW, True)
     else:
+        dwa = ()
+        for k in tl.static_range(KH * KW):
+            dwa = dwa + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
         a, b = _direct_split(rows, oh0, H, PH, SH, DH, KH)
-        dsa, dba = _gu_direct(0, a, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
-                              goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
-                              TRAIN, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        dsa, dba, dwa = _gu_direct(0, a, dsa, dba, dwa, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff,
+                                   gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC,
+                                   NEED_RED, TRAIN, NEED_DW, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
         if cols_in:
-            dsa, dba = _gu_direct(a, b, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
-                                  goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
-                                  TRAIN, SH, DH, KH, KW, False, BLOCK_W, BLOCK_C)
+            dsa, dba, dwa = _gu_direct(a, b, dsa, dba, dwa, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh,
+                                       doff, gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT,
+                                       STORE_GC, NEED_RED, TRAIN, NEED_DW, SH, DH, KH, KW, False, BLOCK_W, BLOCK_C)
         else:
-            dsa, dba = _gu_direct(a, b, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
-                                  goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
-                                  TRAIN, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
-        dsa, dba = _gu_direct(b, rows, dsa, dba, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff, gb, sgh,
-                              goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC, NEED_RED,
-                              TRAIN, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+            dsa, dba, dwa = _gu_direct(a, b, dsa, dba, dwa, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh,
+                                       doff, gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT,
+                                       STORE_GC, NEED_RED, TRAIN, NEED_DW, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        dsa, dba, dwa = _gu_direct(b, rows, dsa, dba, dwa, xb, oh0, PH, H, sxh, xoff, step, xmask, ws, dyb, sdh, doff,
+                                   gb, sgh, goff, ymask, cen, sc, sh, lin, cst, ACT, HAS_SCALE, HAS_SHIFT, STORE_GC,
+                                   NEED_RED, TRAIN, NEED_DW, SH, DH, KH, KW, True, BLOCK_W, BLOCK_C)
+        if NEED_DW:
+            pw = PARTW + t.to(tl.int64) * (KH * KW) * C + c
+            for k in tl.static_range(KH * KW):
+                tl.store(pw + k * C, tl.sum(dwa[k], axis=0), mask=cm)
     if NEED_RED:
         pr = PART + t.to(tl.int64) * 2 * C + c
         tl.store(pr, tl.sum(dsa, axis=0), mask=cm)
@@ -683,6 +702,106 @@ def _dwconv_bwd_dx_rows_kernel(
         pr = PART + t.to(tl.int64) * KK * C + c
         for k in tl.static_range(KK):
             tl.store(pr + k * C, tl.sum(dwa[k], axis=0), mask=cm)
+
+
+@triton.jit
+def _dx2_stream(lo, hi, accs, gb, m0, OH, H, PH, sgh, goff, sgw, gmask, ws, dxb, sdh, doff0, doff1, smask0, smask1,
+                KH: tl.constexpr, KW: tl.constexpr, MASKED: tl.constexpr, BLOCK_W: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """Trips lo..hi of the stride-2 dx pass: trip r reads gc row j = m0 - (T0 - 1) + r (its U0
+    column taps gc[j, n - u]) and, for each output parity class (q, p) (dx row 2m + q - PH, column
+    2n + p - PW), adds it to the open rows of that class's sub-kernel w[q + 2t, p + 2u] and
+    finishes row m = j (stored from trip T0 - 1 on). accs holds the four classes' open rows."""
+    T0: tl.constexpr = (KH + 1) // 2
+    U0: tl.constexpr = (KW + 1) // 2
+    for r in range(lo, hi):
+        j = m0 - (T0 - 1) + r
+        gs = _load_taps(gb + j * sgh + goff, sgw, gmask, (j >= 0) & (j < OH), U0, MASKED)  # gs[b]: gc[j, n-(U0-1)+b]
+        nxt = ()
+        for q in tl.static_range(2):
+            i = 2 * j + q - PH
+            rv = (i >= 0) & (i < H)
+            for p in tl.static_range(2):
+                # (the class's tap counts Tq = (KH - q + 1) // 2 and Up = (KW - p + 1) // 2 are written
+                # out: a name assigned in the row loop would not stay constexpr)
+                if (KH - q + 1) // 2 > 0 and (KW - p + 1) // 2 > 0:
+                    xs = ()
+                    for u in tl.static_range((KW - p + 1) // 2):
+                        xs = xs + (gs[U0 - 1 - u],)
+                    wsub = ()  # row a of the rolled sub-kernel is tap t = Tq - 1 - a
+                    for a in tl.static_range((KH - q + 1) // 2):
+                        for u in tl.static_range((KW - p + 1) // 2):
+                            wsub = wsub + (ws[(q + 2 * ((KH - q + 1) // 2 - 1 - a)) * KW + p + 2 * u],)
+                    done, acc = _roll_rows(xs, wsub, accs[2 * q + p], (KH - q + 1) // 2, (KW - p + 1) // 2)
+                else:  # no tap reaches this class (a 1-wide kernel): dx is 0 there
+                    done = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+                    acc = ()
+                nxt = nxt + (acc,)
+                dp = dxb + i * sdh + (doff0 if p == 0 else doff1)
+                if MASKED:
+                    if r >= T0 - 1:
+                        _store_row(dp, done, (smask0 if p == 0 else smask1) & rv, True)
+                else:
+                    _store_row(dp, done, smask0, False)
+        accs = nxt
+    return accs
+
+
+@triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
+def _dwconv_bwd_dx_s2_kernel(
+    GC, Wt, DX,
+    C, H, W, OH, OW, MH, NW, BAND,
+    sgn, sgc, sgh, sgw, sdn, sdc, sdh, sdw,
+    PH, PW,
+    N_BUCKET, C_BUCKET, HW_BUCKET,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx at stride 2 without dilation, split by output parity: dx row i = 2m + q - PH and column
+    w = 2n + p - PW take only the taps kh = q + 2t, kw = p + 2u, from gc[m - t, n - u], so each of
+    the four classes (q, p) is a stride-1 correlation of gc with a sub-kernel and no tap is
+    computed to be masked away. One program per band of BAND values of m x BLOCK_W values of n x
+    BLOCK_C channels; the gc rows are streamed as in the forward (each gc row is read once per
+    column tap and serves all four classes). The weight gradient comes from the gu pass."""
+    T0: tl.constexpr = (KH + 1) // 2
+    U0: tl.constexpr = (KW + 1) // 2
+    t, n, m0, n0, c0 = _band_coords(C, MH, NW, BAND, BLOCK_W, BLOCK_C)
+    nn = n0 + tl.arange(0, BLOCK_W)
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < C
+    ws = _weights(Wt, c, cm, KH * KW)
+    # the gc column taps n - (U0 - 1) .. n, inside gc, for n < NW
+    goff, gmask, gcols_in = _tap_columns(n0, c0, NW, C, OW, U0 - 1, sgw, sgc, 1, 1, U0, BLOCK_W, BLOCK_C)
+    w0 = 2 * nn - PW
+    doff0 = (w0 * sdw)[:, None] + (c * sdc)[None, :]
+    doff1 = doff0 + sdw
+    smask0 = ((w0 >= 0) & (w0 < W))[:, None] & cm[None, :]
+    smask1 = ((w0 + 1 >= 0) & (w0 + 1 < W))[:, None] & cm[None, :]
+    # the unmasked loop also stores both column classes unmasked: every column inside dx
+    cols_in = gcols_in & (2 * n0 - PW >= 0) & (2 * (n0 + BLOCK_W - 1) + 1 - PW < W)
+    gb = GC + n.to(tl.int64) * sgn
+    dxb = DX + n.to(tl.int64) * sdn
+    rows = tl.minimum(MH - m0, BAND)
+    accs = ()
+    for q in tl.static_range(2):
+        for p in tl.static_range(2):
+            acc = ()
+            for a in tl.static_range((KH - q + 1) // 2 - 1):
+                acc = acc + (tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32),)
+            accs = accs + (acc,)
+    nr = rows + T0 - 1
+    # unmasked trips: the gc row inside gc, a row finished, both of its dx rows inside dx
+    a, b = _stream_split(nr, T0 - 1, (PH + 1) // 2 + T0 - 1 - m0, tl.minimum(OH, (H + PH) // 2) + T0 - 1 - m0)
+    accs = _dx2_stream(0, a, accs, gb, m0, OH, H, PH, sgh, goff, sgw, gmask, ws, dxb, sdh, doff0, doff1, smask0,
+                       smask1, KH, KW, True, BLOCK_W, BLOCK_C)
+    if cols_in:
+        accs = _dx2_stream(a, b, accs, gb, m0, OH, H, PH, sgh, goff, sgw, gmask, ws, dxb, sdh, doff0, doff1, smask0,
+                           smask1, KH, KW, False, BLOCK_W, BLOCK_C)
+    else:
+        accs = _dx2_stream(a, b, accs, gb, m0, OH, H, PH, sgh, goff, sgw, gmask, ws, dxb, sdh, doff0, doff1, smask0,
+                           smask1, KH, KW, True, BLOCK_W, BLOCK_C)
+    _dx2_stream(b, nr, accs, gb, m0, OH, H, PH, sgh, goff, sgw, gmask, ws, dxb, sdh, doff0, doff1, smask0, smask1,
+                KH, KW, True, BLOCK_W, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=["N_BUCKET", "C_BUCKET", "HW_BUCKET"])
@@ -924,6 +1043,7 @@ def _pinned_table(kernel, tuned, configs=_configs):
 _FWD = {key: _autotune(_dwconv_fwd_kernel, _fwd_configs(key)) for key in _FWD_CONFIGS}
 _BWD_GU = {key: _autotune(_dwconv_bwd_gu_kernel, _band_configs(key)) for key in _BAND_KEYS}
 _BWD_DX_ROWS = {key: _autotune(_dwconv_bwd_dx_rows_kernel, _band_configs(key)) for key in _BAND_KEYS}
+_BWD_DX_S2 = {key: _autotune(_dwconv_bwd_dx_s2_kernel, _band_configs(key)) for key in _BAND_KEYS}
 _BWD_DX = {cl: _tuned(_dwconv_bwd_dx_kernel, cl) for cl in (True, False)}
 _TRAIN_STATS = {cl: _tuned(_dwconv_train_stats_kernel, cl) for cl in (True, False)}
 _PINNED = {id(t): _pinned_table(k, t) for k, t in ((_dwconv_bwd_dx_kernel, _BWD_DX),
@@ -931,6 +1051,7 @@ _PINNED = {id(t): _pinned_table(k, t) for k, t in ((_dwconv_bwd_dx_kernel, _BWD_
 _PINNED[id(_FWD)] = _pinned_table(_dwconv_fwd_kernel, _FWD, _fwd_configs)
 _PINNED[id(_BWD_GU)] = _pinned_table(_dwconv_bwd_gu_kernel, _BWD_GU, _band_configs)
 _PINNED[id(_BWD_DX_ROWS)] = _pinned_table(_dwconv_bwd_dx_rows_kernel, _BWD_DX_ROWS, _band_configs)
+_PINNED[id(_BWD_DX_S2)] = _pinned_table(_dwconv_bwd_dx_s2_kernel, _BWD_DX_S2, _band_configs)
 # (kernel, key) pairs this process launched through the autotuner outside a CUDA-graph capture
 _TUNED_KEYS: set = set()
 
@@ -1178,7 +1299,7 @@ def _cprog(k) -> int:
     return triton.cdiv(k["C"], 64) if k["cl"] else k["C"]
 
 
-def _band_plan(x, k, rows, cols):
+def _band_plan(x, k, rows, cols, dw=False):
     """(BAND, BLOCK_W, band tiles) of a band kernel over a rows x cols plane per image: BLOCK_W
     8 columns for channels_last (channels fill the tile), else the plane's width rounded up to a
     power of two within 8..64; BAND the most rows per program (64, 32, 16) that still makes about
@@ -1189,14 +1310,23 @@ def _band_plan(x, k, rows, cols):
     if INTERPRET or x.device.type != "cuda":
         band = 8
     else:
-        programs = tiles * triton.cdiv(k["C"], _band_configs(_band_key(k, bw))[0].kwargs["BLOCK_C"])
+        programs = tiles * triton.cdiv(k["C"], _band_configs(_band_key(k, bw, dw))[0].kwargs["BLOCK_C"])
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         band = next((b for b in (64, 32) if programs * triton.cdiv(rows, b) >= 4 * sms), 16)
     return band, bw, tiles * triton.cdiv(rows, band)
 
 
-def _band_key(k, bw):
-    return (k["cl"], bw, _fwd_table_key(k["cl"], k["KH"] * k["KW"])[1])
+def _band_key(k, bw, dw=False):
+    """The band kernels' config list: layout, BLOCK_W and the tap-count class, one class up when
+    the kernel also keeps the taps and the weight-gradient sums live (dw: the gu pass at stride 2)."""
+    kc = _fwd_table_key(k["cl"], k["KH"] * k["KW"])[1]
+    return (k["cl"], bw, min(2, kc + 1) if dw else kc)
+
+
+def _dx_by_parity(stride, dilation) -> bool:
+    """Stride 2 without dilation: dx by output parity (_dwconv_bwd_dx_s2_kernel), the weight
+    gradient in the gu pass."""
+    return tuple(stride) == (2, 2) and tuple(dilation) == (1, 1)
 
 
 def _gc_dtype(x, weight):
@@ -1208,20 +1338,22 @@ def _gc_dtype(x, weight):
 
 
 def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale, has_shift, store_gc, need_red,
-               deterministic, train=None):
-    """The gu kernel over all outputs: gc (when store_gc) and the (tiles, 2, C) fp32 partial sums
-    of dscale / dshift (returned when need_red). train = (center, lin, cst) switches on the
-    batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
+               deterministic, train=None, need_dw=False):
+    """The gu kernel over all outputs: gc (when store_gc), the (tiles, 2, C) fp32 partial sums of
+    dscale / dshift (when need_red) and, need_dw (direct rows only), dweight as (C, KH*KW)
+    float64: returns (partial sums or None, dweight or None). train = (center, lin, cst) switches
+    on the batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
     C, H, W = k["C"], k["H"], k["W"]
-    band, bw, tiles = _band_plan(x, k, OH, OW)
+    band, bw, tiles = _band_plan(x, k, OH, OW, need_dw)
     part = torch.empty((tiles, 2, C), dtype=torch.float32, device=x.device) if need_red else gc
+    partw = torch.empty((tiles, k["KH"] * k["KW"], C), dtype=torch.float32, device=x.device) if need_dw else gc
     cen, lin, cst = train if train is not None else (k["wt"],) * 3
 
     def grid(meta):
         return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
 
     _run(_BWD_GU, grid, (
-        x, k["wt"], k["s"], k["b"], grad_out, gc, part,
+        x, k["wt"], k["s"], k["b"], grad_out, gc, part, partw,
         C, H, W, OH, OW, band,
         *x.stride(), *grad_out.stride(), *(gc.stride() if store_gc else (0, 0, 0, 0)),
         padding[0], padding[1],
@@ -1229,8 +1361,26 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
         *k["buckets"],
     ), dict(ACT=k["act"], SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KH=k["KH"], KW=k["KW"],
             HAS_SCALE=has_scale, HAS_SHIFT=has_shift, STORE_GC=store_gc, NEED_RED=need_red,
-            TRAIN=train is not None), x, k, deterministic, tkey=_band_key(k, bw))
-    return part if need_red else None
+            TRAIN=train is not None, NEED_DW=need_dw), x, k, deterministic, tkey=_band_key(k, bw, need_dw))
+    return (part if need_red else None), (partw.sum(dim=0, dtype=torch.float64).t() if need_dw else None)
+
+
+def _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic):
+    """dx at stride 2 without dilation, by output parity (the weight gradient comes from gu)."""
+    C, H, W = k["C"], k["H"], k["W"]
+    MH, NW = (H + padding[0] + 1) // 2, (W + padding[1] + 1) // 2
+    band, bw, tiles = _band_plan(x, k, MH, NW)
+
+    def grid(meta):
+        return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    _run(_BWD_DX_S2, grid, (
+        gc, k["wt"], dx,
+        C, H, W, OH, OW, MH, NW, band,
+        *gc.stride(), *dx.stride(),
+        padding[0], padding[1],
+        *k["buckets"],
+    ), dict(KH=k["KH"], KW=k["KW"]), x, k, deterministic, tkey=_band_key(k, bw))
 
 
 def _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, deterministic):
@@ -1321,15 +1471,19 @@ def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, outp
     if x.numel() > 0 and (need_dx or need_dw or need_ds or need_db):
         k = _common(x, weight, scale, shift, act, pl)
         need_red = need_ds or need_db
-        store_gc = need_dx or need_dw
+        parity = _dx_by_parity(stride, dilation)
+        store_gc = need_dx or (need_dw and not parity)
         gc = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device) \
             if store_gc else dx
-        part1 = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
-                           has_shift=shift is not None, store_gc=store_gc, need_red=need_red,
-                           deterministic=deterministic)
+        part1, dw = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
+                               has_shift=shift is not None, store_gc=store_gc, need_red=need_red,
+                               deterministic=deterministic, need_dw=need_dw and parity)
         if need_red:
             dsb = part1.sum(dim=0, dtype=torch.float64)
-        if store_gc:
+        if parity:
+            if need_dx:
+                _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic)
+        elif store_gc:
             dw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
 
     return (dx, _grad_out(dw, weight, need_dw, (C, 1, KH, KW), x),
@@ -1426,8 +1580,8 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
         center = mean.float().contiguous()
         scale = g * invstd
         k = _common(x, weight, scale.float(), _f32_or(beta, x, 0.0), act, pl)
-        part = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
-                          store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
+        part, _ = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
+                             store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
         S, B = part[:, 0].sum(dim=0, dtype=torch.float64), part[:, 1].sum(dim=0, dtype=torch.float64)
         dg, db = invstd * S, B
         if need_dx or need_dw:
@@ -1438,10 +1592,18 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
             if grad_mean is not None:
                 cst = cst + grad_mean.double()
             lin, cst = (lin / M).float().contiguous(), (cst / M).float().contiguous()
-            gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device)
-            _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
-                       store_gc=True, need_red=False, deterministic=deterministic, train=(center, lin, cst))
-            dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
+            parity = _dx_by_parity(stride, dilation)
+            store_gz = need_dx or not parity
+            gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device) \
+                if store_gz else dx
+            _, dw = _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
+                               store_gc=store_gz, need_red=False, deterministic=deterministic,
+                               train=(center, lin, cst), need_dw=need_dw and parity)
+            if parity:
+                if need_dx:
+                    _launch_dx_s2(x, k, gz, dx, padding, OH, OW, deterministic)
+            else:
+                dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
     elif need_dx:
         dx.zero_()
 
