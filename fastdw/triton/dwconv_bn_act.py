@@ -1310,7 +1310,8 @@ def _band_plan(x, k, rows, cols, dw=False):
     if INTERPRET or x.device.type != "cuda":
         band = 8
     else:
-        programs = tiles * triton.cdiv(k["C"], _band_configs(_band_key(k, bw, dw))[0].kwargs["BLOCK_C"])
+        # the channel block of the table's first config (the band tables share their config lists)
+        programs = tiles * triton.cdiv(k["C"], _BWD_GU[_band_key(k, bw, dw)].configs[0].kwargs["BLOCK_C"])
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
         band = next((b for b in (64, 32) if programs * triton.cdiv(rows, b) >= 4 * sms), 16)
     return band, bw, tiles * triton.cdiv(rows, band)
