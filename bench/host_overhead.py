@@ -7,6 +7,8 @@ latency. This times, per call, for MobileNetV2 layer shapes at N=1 (fp16 channel
   public        fastdw.dwconv_bn_act(..., backend="triton") with no autograd graph (inference)
   public_grad   the same with x requiring grad (the op with its autograd), forward only
   backward      the backward launcher (all four gradients)
+  train_fwd     the training forward launcher (batch statistics; gamma, beta, no conv bias)
+  train_bwd     the training backward launcher (all four gradients, with grad_mean and grad_var)
 Without a GPU the tensors are CPU tensors and Triton's own launch is replaced by a no-op (it
 cannot run here): the numbers are fastdw's share of the host time. On a GPU the real launch is
 included (asynchronous: host time, not kernel time). Each figure is the best of 5 medians of
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
         xg = x.clone().requires_grad_()
         y = T.dwconv_bn_act_fwd(x, w, sc, sh, [s, s], [1, 1], [1, 1], "relu6")
         g = torch.randn_like(y)
+        _, mean, var = T.dwconv_bn_act_train_fwd(x, w, None, sc, sh, [s, s], [1, 1], [1, 1], 1e-5, "relu6")
+        gm, gv = torch.randn(C, device=dev), torch.randn(C, device=dev)
         cases = {
             "launcher": lambda: T.dwconv_bn_act_fwd(x, w, sc, sh, [s, s], [1, 1], [1, 1], "relu6"),
             "op": lambda: T.OP(x, w, sc, sh, [s, s], [1, 1], [1, 1], "relu6"),
@@ -88,6 +92,10 @@ def main(argv=None) -> int:
             "public_grad": lambda: fastdw.dwconv_bn_act(xg, w, sc, sh, stride=s, act="relu6", backend="triton"),
             "backward": lambda: T.dwconv_bn_act_bwd(g, x, w, sc, sh, [s, s], [1, 1], [1, 1], "relu6", [True] * 4,
                                                     False),
+            "train_fwd": lambda: T.dwconv_bn_act_train_fwd(x, w, None, sc, sh, [s, s], [1, 1], [1, 1], 1e-5,
+                                                           "relu6"),
+            "train_bwd": lambda: T.dwconv_bn_act_train_bwd(g, gm, gv, x, w, sc, sh, mean, var, [s, s], [1, 1],
+                                                           [1, 1], 1e-5, "relu6", [True] * 4, False),
         }
         row = dict(layer=f"C{C} {H}x{W} s{s}", **{k: round(_time(f, args.calls), 2) for k, f in cases.items()})
         rows.append(row)

@@ -610,7 +610,7 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
         calls = tcc._record([(layout, dts[dt], K, S, "relu6", True)])
         per_kind: Dict[str, List[Kernel]] = {}
         for kernel, a, kw in calls:
-            fn = kernel.fn
+            fn = tcc._configs_of(kernel)[0]
             kind = {"_dwconv_fwd_kernel": "fwd", "_dwconv_bwd_gu_kernel": "gu", "_dwconv_bwd_dx_kernel": "dx",
                     "_dwconv_bwd_dx_rows_kernel": "dx", "_dwconv_bwd_dx_s2_kernel": "dx"}.get(fn.__name__)
             # the inference kernels only (the training variants: TRAIN / HAS_CENTER)

@@ -98,6 +98,8 @@ def _signature(fn, args, kwargs, config):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[name] = "i1"
+        elif isinstance(v, float):  # a float scalar: fp32 unless annotated (the finishes' eps: fp64)
+            sig[name] = param.annotation_type or "fp32"
         elif isinstance(v, int):
             if v == 1 and not getattr(param, "do_not_specialize", False):
                 sig[name], const[name] = "constexpr", 1
@@ -108,6 +110,14 @@ def _signature(fn, args, kwargs, config):
         else:
             raise TypeError(f"{name}: unexpected argument {v!r}")
     return sig, const, attrs
+
+
+def _configs_of(kernel):
+    """(JITFunction, configs) of a recorded launch: an autotuned kernel's list, or the launch
+    defaults of a plain one (the per-channel finish kernels)."""
+    if hasattr(kernel, "configs"):
+        return kernel.fn, kernel.configs
+    return kernel, [triton.Config({}, num_warps=4, num_stages=3)]
 
 
 def _resources(ptx: str, arch: int, ptxas: str):
@@ -158,8 +168,8 @@ def main(argv=None):
         backend = make_backend(target)
         seen = set()
         for kernel, a, kw in calls:
-            fn = kernel.fn
-            for cfg in (kernel.configs[:1] if args.smoke else kernel.configs):
+            fn, configs = _configs_of(kernel)
+            for cfg in (configs[:1] if args.smoke else configs):
                 sig, const, attrs = _signature(fn, a, kw, cfg)
                 key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())), str(cfg))
                 if key in seen:

@@ -255,6 +255,7 @@ def test_host_overhead_script(tmp_path):
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 3
     for row in data["rows"]:
-        assert set(row) == {"layer", "launcher", "op", "public", "public_grad", "backward"}
+        assert set(row) == {"layer", "launcher", "op", "public", "public_grad", "backward", "train_fwd",
+                            "train_bwd"}
         assert all(v > 0 for k, v in row.items() if k != "layer")
     assert "| layer | launcher |" in r.stdout

@@ -44,6 +44,7 @@ import contextlib
 import functools
 import inspect
 import os
+import struct
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -928,6 +929,158 @@ def _dwconv_train_stats_kernel(
 
 
 # ------------------------------------------------------------------------------------------
+# The per-channel finishes: partial-sum rows summed in float64 and the BatchNorm algebra, as small
+# kernels, so a launcher runs no tensor op between its kernels (allocations only). Each program
+# owns FIN_C channels and sums the rows in a fixed order whatever the GPU (row t adds into slot
+# t % FIN_T of an [FIN_T, FIN_C] float64 accumulator, one tree sum over the slots at the end):
+# deterministic, and at least as accurate as a float64 torch.sum. FIN_T * FIN_C = 4096 loads in
+# flight per trip (32 per thread) so the few programs are not latency bound.
+_FIN_T, _FIN_C, _FIN_WARPS = 128, 32, 4
+
+
+@triton.jit
+def _rows_sum(P, T, RS, c, cm, FIN_T: tl.constexpr, FIN_C: tl.constexpr):
+    """sum over t < T of P[t * RS + c], float64, [FIN_C]."""
+    acc = tl.zeros([FIN_T, FIN_C], dtype=tl.float64)
+    tt = tl.arange(0, FIN_T)
+    for t0 in range(0, T, FIN_T):
+        t = t0 + tt
+        m = (t < T)[:, None] & cm[None, :]
+        acc += tl.load(P + t.to(tl.int64)[:, None] * RS + c[None, :], mask=m, other=0.0).to(tl.float64)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _sum_rows_kernel(PART, T, RS, C, OUT0, OUT1, R0, sor, soc, FIN_T: tl.constexpr, FIN_C: tl.constexpr):
+    """Program (row r, channel block): OUT[r, c] = sum_t PART[t, r, c] (PART's rows RS elements
+    apart), in float64, rounded to fp32 and stored in OUT's dtype (csrc's store_as): rows r < R0 at OUT0 + r * sor + c * soc, the rest
+    at OUT1 + (r - R0) * sor + c * soc (two parameters' gradients of different dtypes)."""
+    r = tl.program_id(0)
+    c = tl.program_id(1) * FIN_C + tl.arange(0, FIN_C)
+    cm = c < C
+    s = _rows_sum(PART + r * C, T, RS, c, cm, FIN_T, FIN_C).to(tl.float32)
+    if r < R0:
+        tl.store(OUT0 + r * sor + c * soc, s, mask=cm)
+    else:
+        tl.store(OUT1 + (r - R0) * sor + c * soc, s, mask=cm)
+
+
+@triton.jit
+def _eps64(E0, E1, E2, c):
+    """eps in float64 from its three fp32 parts (_eps_parts), exactly, as a [FIN_C] row."""
+    return ((tl.zeros(c.shape, dtype=tl.float64) + E0) + E1) + E2
+
+
+@triton.jit
+def _invstd_of(v32, E0, E1, E2, c):
+    """1 / sqrt(var + eps) in float64 from the variance as the forward returns it (fp32), both
+    operations correctly rounded (csrc's invstd_of)."""
+    return 1.0 / tl.sqrt(v32.to(tl.float64) + _eps64(E0, E1, E2, c))
+
+
+@triton.jit
+def _invstd(VAR, sv, c, cm, E0, E1, E2):
+    return _invstd_of(tl.load(VAR + c * sv, mask=cm, other=1.0).to(tl.float32), E0, E1, E2, c)
+
+
+@triton.jit
+def _chan(P, sp, c, cm, value, HAS: tl.constexpr):
+    """A per-channel parameter (any strides) as fp32 [FIN_C], `value` where it is absent."""
+    if HAS:
+        return tl.load(P + c * sp, mask=cm, other=value).to(tl.float32)
+    else:
+        return tl.zeros(c.shape, dtype=tl.float32) + value
+
+
+@triton.jit
+def _train_stat_finish_kernel(PART, T, C, BIAS, sbias, GAMMA, sgamma, BETA, sbeta, E0, E1, E2,
+                              MEAN_OUT, CENTER, VAR_OUT, AFFINE,
+                              HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                              FIN_T: tl.constexpr, FIN_C: tl.constexpr):
+    """The training forward's statistics: PART (T, 3, C) float64 rows (n, mean, M2) of the splits
+    merged in a fixed order by the parallel-axis form (mean = sum n_i m_i / n, M2 = sum M2_i +
+    sum n_i (m_i - mean)^2); the batch mean and biased variance rounded to fp32 (what the op
+    returns), mean + bias, and the forward's AFFINE (2, C) fp32 rows: the folded scale gamma *
+    invstd (invstd in float64 from the fp32 variance, as the backward computes it) and the shift
+    beta (read in place whatever its dtype and strides)."""
+    c = tl.program_id(0) * FIN_C + tl.arange(0, FIN_C)
+    cm = c < C
+    tt = tl.arange(0, FIN_T)
+    a_n = tl.zeros([FIN_T, FIN_C], dtype=tl.float64)
+    a_s = tl.zeros([FIN_T, FIN_C], dtype=tl.float64)
+    for t0 in range(0, T, FIN_T):
+        t = t0 + tt
+        m = (t < T)[:, None] & cm[None, :]
+        p = PART + t.to(tl.int64)[:, None] * (3 * C) + c[None, :]
+        ni = tl.load(p, mask=m, other=0.0)
+        a_n += ni
+        a_s += ni * tl.load(p + C, mask=m, other=0.0)
+    cnt = tl.where(cm, tl.sum(a_n, axis=0), 1.0)  # > 0 on live lanes: every channel has M > 0 values
+    mean = tl.sum(a_s, axis=0) / cnt
+    a_q = tl.zeros([FIN_T, FIN_C], dtype=tl.float64)
+    for t0 in range(0, T, FIN_T):
+        t = t0 + tt
+        m = (t < T)[:, None] & cm[None, :]
+        p = PART + t.to(tl.int64)[:, None] * (3 * C) + c[None, :]
+        d = tl.load(p + C, mask=m, other=0.0) - mean[None, :]
+        a_q += tl.load(p + 2 * C, mask=m, other=0.0) + tl.load(p, mask=m, other=0.0) * d * d
+    m32 = mean.to(tl.float32)
+    v32 = (tl.sum(a_q, axis=0) / cnt).to(tl.float32)
+    tl.store(CENTER + c, m32, mask=cm)
+    tl.store(VAR_OUT + c, v32, mask=cm)
+    if HAS_BIAS:
+        tl.store(MEAN_OUT + c, m32 + tl.load(BIAS + c * sbias, mask=cm, other=0.0).to(tl.float32), mask=cm)
+    g = _chan(GAMMA, sgamma, c, cm, 1.0, HAS_GAMMA).to(tl.float64)
+    invstd = _invstd_of(v32, E0, E1, E2, c)
+    tl.store(AFFINE + c, (g * invstd).to(tl.float32), mask=cm)
+    tl.store(AFFINE + C + c, _chan(BETA, sbeta, c, cm, 0.0, HAS_BETA), mask=cm)
+
+
+@triton.jit
+def _train_bwd_prep_kernel(GAMMA, sgamma, BETA, sbeta, MEAN, smean, VAR, svar, E0, E1, E2, COEF, C,
+                           HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, FIN_C: tl.constexpr):
+    """Before the training backward's first pass: COEF (5, C) fp32 rows 0-2 = the folded scale
+    gamma * invstd, the shift beta and the center mean (rows 3-4: _train_bwd_finish_kernel)."""
+    c = tl.program_id(0) * FIN_C + tl.arange(0, FIN_C)
+    cm = c < C
+    g = _chan(GAMMA, sgamma, c, cm, 1.0, HAS_GAMMA).to(tl.float64)
+    tl.store(COEF + c, (g * _invstd(VAR, svar, c, cm, E0, E1, E2)).to(tl.float32), mask=cm)
+    tl.store(COEF + C + c, _chan(BETA, sbeta, c, cm, 0.0, HAS_BETA), mask=cm)
+    tl.store(COEF + 2 * C + c, tl.load(MEAN + c * smean, mask=cm, other=0.0).to(tl.float32), mask=cm)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _train_bwd_finish_kernel(PART, T, C, GAMMA, sgamma, VAR, svar, E0, E1, E2, GMEAN, sgm, GVAR, sgv, M,
+                             COEF, DG, DB,
+                             HAS_GAMMA: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
+                             NEED_DG: tl.constexpr, NEED_DB: tl.constexpr,
+                             FIN_T: tl.constexpr, FIN_C: tl.constexpr):
+    """After the first pass: S = sum gu * (z - mean), B = sum gu from PART (T, 2, C) fp32, in
+    float64; dgamma = invstd * S and dbeta = B in their parameters' dtypes; the coefficients of
+    dz = scale * gu + lin * (z - mean) + cst into COEF rows 3-4:
+    lin = (2 * grad_var - gamma * invstd^3 * S) / M, cst = (grad_mean - gamma * invstd * B) / M."""
+    c = tl.program_id(0) * FIN_C + tl.arange(0, FIN_C)
+    cm = c < C
+    S = _rows_sum(PART, T, 2 * C, c, cm, FIN_T, FIN_C)
+    B = _rows_sum(PART + C, T, 2 * C, c, cm, FIN_T, FIN_C)
+    invstd = _invstd(VAR, svar, c, cm, E0, E1, E2)
+    g = _chan(GAMMA, sgamma, c, cm, 1.0, HAS_GAMMA).to(tl.float64)
+    if NEED_DG:
+        tl.store(DG + c, (invstd * S).to(tl.float32), mask=cm)
+    if NEED_DB:
+        tl.store(DB + c, B.to(tl.float32), mask=cm)
+    lin = -(g * (invstd * invstd * invstd) * S)
+    if HAS_GV:
+        lin += 2.0 * _chan(GVAR, sgv, c, cm, 0.0, True).to(tl.float64)
+    cst = -((g * invstd) * B)
+    if HAS_GM:
+        cst += _chan(GMEAN, sgm, c, cm, 0.0, True).to(tl.float64)
+    Md = M.to(tl.float64)
+    tl.store(COEF + 3 * C + c, (lin / Md).to(tl.float32), mask=cm)
+    tl.store(COEF + 4 * C + c, (cst / Md).to(tl.float32), mask=cm)
+
+
+# ------------------------------------------------------------------------------------------
 # Configs and autotuning. Keys: batch, channel and spatial size buckets, stride, kernel size (and,
 # added by Triton, the tensors' dtypes) -- what changes the best tile, nothing that varies per call.
 # Three rules keep autotuning from changing results or failing (see _run):
@@ -1009,15 +1162,16 @@ def _bcfg(bw, bc, warps):
 _BAND_KEYS = [(cl, bw, kc) for kc in (0, 1, 2) for cl, bw in [(True, 8)] + [(False, b) for b in (8, 16, 32, 64)]]
 
 
-def _band_configs(key):
-    """key: (channels_last, BLOCK_W, tap-count class)."""
+def _band_configs(key, every=False):
+    """key: (channels_last, BLOCK_W, tap-count class); every: the whole list, even when autotuning
+    is off (the GPU test that pins each config in turn)."""
     cl, bw, kc = key
     if INTERPRET:
         return [_bcfg(bw, max(1, 128 // bw), 4)]
     per = ((8 if cl else 4), 2, 1)[kc]  # elements per thread and row
     cfgs = [_bcfg(bw, max(1, per * 128 // bw), 4), _bcfg(bw, max(1, per * 256 // bw), 8),
             _bcfg(bw, max(1, per * 64 // bw), 4)]
-    return cfgs if AUTOTUNE else cfgs[:1]
+    return cfgs if AUTOTUNE or every else cfgs[:1]
 
 
 _CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
@@ -1101,6 +1255,12 @@ def _channels_fast(x: Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (triton.cdiv is a jit function: several microseconds a call
+    from Python, six or more per backward call)."""
+    return -(-a // b)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
@@ -1117,7 +1277,7 @@ def _num_splits(x: Tensor, positions: int, channel_programs: int) -> int:
     if INTERPRET or x.device.type != "cuda":
         return max(1, min(2, positions // 64))
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(positions, 256), (8 * sms) // max(1, channel_programs)))
+    return max(1, min(_cdiv(positions, 256), (8 * sms) // max(1, channel_programs)))
 
 
 def _check_triton_limits(x, OH=None, OW=None, *more):
@@ -1279,8 +1439,8 @@ def _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, pl: _Pl
     k = _common(x, weight, scale, shift, act, pl)
 
     def grid(meta):
-        return (N * triton.cdiv(OH, meta["BLOCK_H"]) * triton.cdiv(OW, meta["BLOCK_W"])
-                * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (N * _cdiv(OH, meta["BLOCK_H"]) * _cdiv(OW, meta["BLOCK_W"])
+                * _cdiv(C, meta["BLOCK_C"]),)
 
     _run(_FWD, grid, (
         x, k["wt"], k["s"], k["b"], center if center is not None else k["wt"], y,
@@ -1296,7 +1456,7 @@ def _fwd_launch(x, weight, scale, shift, stride, padding, dilation, act, pl: _Pl
 
 def _cprog(k) -> int:
     """Channel programs per split: an estimate (BLOCK_C = 64 for channels_last, 1 for NCHW)."""
-    return triton.cdiv(k["C"], 64) if k["cl"] else k["C"]
+    return _cdiv(k["C"], 64) if k["cl"] else k["C"]
 
 
 def _band_plan(x, k, rows, cols, dw=False):
@@ -1306,15 +1466,15 @@ def _band_plan(x, k, rows, cols, dw=False):
     four programs per SM. Depends on the shapes and the GPU, never on the autotuned config, so the
     host knows how many partial-sum rows the programs write."""
     bw = 8 if k["cl"] else min(16 if INTERPRET else 64, max(8, _next_pow2(cols)))
-    tiles = k["N"] * triton.cdiv(cols, bw)
+    tiles = k["N"] * _cdiv(cols, bw)
     if INTERPRET or x.device.type != "cuda":
         band = 8
     else:
         # the channel block of the table's first config (the band tables share their config lists)
-        programs = tiles * triton.cdiv(k["C"], _BWD_GU[_band_key(k, bw, dw)].configs[0].kwargs["BLOCK_C"])
+        programs = tiles * _cdiv(k["C"], _BWD_GU[_band_key(k, bw, dw)].configs[0].kwargs["BLOCK_C"])
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        band = next((b for b in (64, 32) if programs * triton.cdiv(rows, b) >= 4 * sms), 16)
-    return band, bw, tiles * triton.cdiv(rows, band)
+        band = next((b for b in (64, 32) if programs * _cdiv(rows, b) >= 4 * sms), 16)
+    return band, bw, tiles * _cdiv(rows, band)
 
 
 def _band_key(k, bw, dw=False):
@@ -1341,8 +1501,8 @@ def _gc_dtype(x, weight):
 def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale, has_shift, store_gc, need_red,
                deterministic, train=None, need_dw=False):
     """The gu kernel over all outputs: gc (when store_gc), the (tiles, 2, C) fp32 partial sums of
-    dscale / dshift (when need_red) and, need_dw (direct rows only), dweight as (C, KH*KW)
-    float64: returns (partial sums or None, dweight or None). train = (center, lin, cst) switches
+    dscale / dshift (when need_red) and, need_dw (direct rows only), dweight's (tiles, KH*KW, C)
+    fp32 partial sums: returns (dscale / dshift partials or None, dweight partials or None). train = (center, lin, cst) switches
     on the batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
     C, H, W = k["C"], k["H"], k["W"]
     band, bw, tiles = _band_plan(x, k, OH, OW, need_dw)
@@ -1351,7 +1511,7 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
     cen, lin, cst = train if train is not None else (k["wt"],) * 3
 
     def grid(meta):
-        return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (tiles * _cdiv(C, meta["BLOCK_C"]),)
 
     _run(_BWD_GU, grid, (
         x, k["wt"], k["s"], k["b"], grad_out, gc, part, partw,
@@ -1363,7 +1523,7 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
     ), dict(ACT=k["act"], SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KH=k["KH"], KW=k["KW"],
             HAS_SCALE=has_scale, HAS_SHIFT=has_shift, STORE_GC=store_gc, NEED_RED=need_red,
             TRAIN=train is not None, NEED_DW=need_dw), x, k, deterministic, tkey=_band_key(k, bw, need_dw))
-    return (part if need_red else None), (partw.sum(dim=0, dtype=torch.float64).t() if need_dw else None)
+    return (part if need_red else None), (partw if need_dw else None)
 
 
 def _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic):
@@ -1373,7 +1533,7 @@ def _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic):
     band, bw, tiles = _band_plan(x, k, MH, NW)
 
     def grid(meta):
-        return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (tiles * _cdiv(C, meta["BLOCK_C"]),)
 
     _run(_BWD_DX_S2, grid, (
         gc, k["wt"], dx,
@@ -1385,15 +1545,15 @@ def _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic):
 
 
 def _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, deterministic):
-    """The stride-1, undilated dx kernel from gc: fills dx (when need_dx) and returns dweight as
-    (C, KH*KW) float64 (when need_dw, else None)."""
+    """The stride-1, undilated dx kernel from gc: fills dx (when need_dx) and returns dweight's
+    (tiles, KH*KW, C) fp32 partial sums (when need_dw, else None)."""
     C, H, W = k["C"], k["H"], k["W"]
     KK = k["KH"] * k["KW"]
     band, bw, tiles = _band_plan(x, k, H, W)
     part = torch.empty((tiles, KK, C), dtype=torch.float32, device=x.device) if need_dw else gc
 
     def grid(meta):
-        return (tiles * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (tiles * _cdiv(C, meta["BLOCK_C"]),)
 
     _run(_BWD_DX_ROWS, grid, (
         x, k["wt"], gc, dx, part,
@@ -1403,12 +1563,12 @@ def _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, determinist
         *k["buckets"],
     ), dict(KH=k["KH"], KW=k["KW"], NEED_DX=need_dx, NEED_DW=need_dw), x, k, deterministic,
          tkey=_band_key(k, bw))
-    return part.sum(dim=0, dtype=torch.float64).t() if need_dw else None
+    return part if need_dw else None
 
 
 def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic):
     """The dx kernel from gc (the gradient of the conv output): fills dx (when need_dx) and
-    returns dweight as (C, KH*KW) float64 (when need_dw, else None). Stride 1 without dilation
+    returns dweight's partial sums, (rows, >= KH*KW, C) (when need_dw, else None). Stride 1 without dilation
     streams rows (_launch_dx_rows); otherwise the split kernel gathers every tap."""
     if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1):
         return _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, deterministic)
@@ -1419,7 +1579,7 @@ def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw
     part = torch.empty((ns, KKP, C), dtype=torch.float64, device=x.device) if need_dw else gc
 
     def grid(meta):
-        return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (ns * _cdiv(C, meta["BLOCK_C"]),)
 
     _run(_BWD_DX, grid, (
         x, k["wt"], gc, dx, part,
@@ -1429,7 +1589,7 @@ def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw
         *k["buckets"],
     ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"], KKP=KKP, NEED_DX=need_dx, NEED_DW=need_dw),
         x, k, deterministic)
-    return part.sum(dim=0)[:KK].t() if need_dw else None
+    return part if need_dw else None
 
 
 def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Optional[Tensor],
@@ -1446,16 +1606,47 @@ def dwconv_bn_act_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Option
         return _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl)
 
 
-def _grad_out(t, like, need, shape, x):
-    """A parameter's gradient from its float64 sum t: in the parameter's dtype (fp32 when it is
-    absent) and the given shape, a new tensor (the gradients never alias); zeros when there was
-    nothing to sum (t None); an empty (0,) tensor where it was not asked for."""
+def _grad_buf(like, need, shape, x):
+    """A parameter gradient's buffer: the parameter's dtype (fp32 when it is absent), the given
+    shape, a new tensor (the gradients never alias); an empty (0,) tensor where it was not asked for."""
     dtype = like.dtype if like is not None else torch.float32
-    if not need:
-        return torch.empty((0,), dtype=dtype, device=x.device)
-    if t is None:
-        return torch.zeros(shape, dtype=dtype, device=x.device)
-    return t.to(dtype, memory_format=torch.contiguous_format).reshape(shape)
+    return torch.empty(shape if need else (0,), dtype=dtype, device=x.device)
+
+
+def _fin(kernel, C):
+    """A per-channel finish kernel, one program per _FIN_C channels."""
+    return _launch(kernel)[(_cdiv(C, _FIN_C),)]
+
+
+def _sum_rows(part, rows, out0, out1=None, r0=None, sor=0, soc=1):
+    """out[r, c] = sum_t part[t, r, c] for the first `rows` rows of part ((T, R, C), rows
+    part.stride(0) apart, channels contiguous), in float64, fixed order, stored in the output's
+    dtype: rows below r0 into out0 (element r * sor + c * soc), the rest into out1."""
+    C = part.shape[2]
+    _launch(_sum_rows_kernel)[(rows, _cdiv(C, _FIN_C))](
+        part, part.shape[0], part.stride(0), C, out0, out1 if out1 is not None else out0,
+        rows if r0 is None else r0, sor, soc, FIN_T=_FIN_T, FIN_C=_FIN_C)
+
+
+def _sum_weight_grad(partw, dwt, KK):
+    """dweight (C, 1, KH, KW) from its (T, >= KK, C) partial sums: one launch."""
+    _sum_rows(partw, KK, dwt, sor=1, soc=KK)
+
+
+def _sum_pair(part, a, b):
+    """The two per-channel gradients a (row 0) and b (row 1) of (T, 2, C) partial sums, each in
+    its own dtype (None: not wanted): one launch."""
+    if a is not None:
+        _sum_rows(part, 2 if b is not None else 1, a, b, r0=1)
+    elif b is not None:
+        _sum_rows(part[:, 1:], 1, b)
+
+
+def _zero_unsummed(*pairs):
+    """Zeros into the gradients that were asked for but had nothing to sum (empty input)."""
+    for buf, summed in pairs:
+        if buf.numel() > 0 and not summed:
+            buf.zero_()
 
 
 def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl):
@@ -1467,46 +1658,65 @@ def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, outp
     KH, KW = weight.shape[2], weight.shape[3]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
         else torch.empty((0,), dtype=x.dtype, device=x.device)
-    dw = dsb = None  # float64 sums: (C, KH*KW) and (2, C)
-
+    dwt = _grad_buf(weight, need_dw, (C, 1, KH, KW), x)
+    dst, dbt = _grad_buf(scale, need_ds, (C,), x), _grad_buf(shift, need_db, (C,), x)
+    ran = False
     if x.numel() > 0 and (need_dx or need_dw or need_ds or need_db):
+        ran = True
         k = _common(x, weight, scale, shift, act, pl)
         need_red = need_ds or need_db
         parity = _dx_by_parity(stride, dilation)
         store_gc = need_dx or (need_dw and not parity)
         gc = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device) \
             if store_gc else dx
-        part1, dw = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
-                               has_shift=shift is not None, store_gc=store_gc, need_red=need_red,
-                               deterministic=deterministic, need_dw=need_dw and parity)
+        part1, partw = _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale=scale is not None,
+                                  has_shift=shift is not None, store_gc=store_gc, need_red=need_red,
+                                  deterministic=deterministic, need_dw=need_dw and parity)
         if need_red:
-            dsb = part1.sum(dim=0, dtype=torch.float64)
+            _sum_pair(part1, dst if need_ds else None, dbt if need_db else None)
         if parity:
             if need_dx:
                 _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic)
         elif store_gc:
-            dw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
-
-    return (dx, _grad_out(dw, weight, need_dw, (C, 1, KH, KW), x),
-            _grad_out(dsb[0] if dsb is not None else None, scale, need_ds, (C,), x),
-            _grad_out(dsb[1] if dsb is not None else None, shift, need_db, (C,), x))
+            partw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
+        if need_dw:
+            _sum_weight_grad(partw, dwt, KH * KW)
+    _zero_unsummed((dwt, ran), (dst, ran), (dbt, ran))
+    return dx, dwt, dst, dbt
 
 
 # ------------------------------------------------------------------------------------------
-# Training mode (batch-statistics BatchNorm)
+# Training mode (batch-statistics BatchNorm). The per-channel algebra between the passes (the
+# statistics merge, BatchNorm folding, the dz coefficients) runs in the finish kernels above:
+# the training forward is three launches (statistics, finish, forward), the backward at most six
+# (prep, pass A, finish, pass B, dx, the weight gradient's sum).
 
 
-def _f32_or(t: Optional[Tensor], like: Tensor, value: float) -> Tensor:
-    return t.float() if t is not None else torch.full((like.shape[1],), value, dtype=torch.float32, device=like.device)
+def _eps_parts(eps: float):
+    """eps as three fp32 numbers whose float64 sum is eps exactly: Triton passes a float scalar
+    as fp32 (so does Inductor for the kernels it launches), and invstd is formed in float64 from
+    the double eps, as the CUDA and CPU backends do."""
+    parts = []
+    v = float(eps)
+    for _ in range(3):
+        p = struct.unpack("f", struct.pack("f", v))[0]
+        parts.append(p)
+        v -= p  # exact: p is v rounded to fp32
+    return parts
+
+
+def _param(t: Optional[Tensor], dummy: Tensor):
+    """(pointer, stride) of an optional per-channel tensor for the finish kernels."""
+    return (t, t.stride(0)) if t is not None else (dummy, 0)
 
 
 def dwconv_bn_act_train_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
                             beta: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                             eps: float, act: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Training forward launcher (the body of fastdw::dwconv_bn_act_train_triton): the statistics
-    kernel, the merge of its per-split (n, mean, M2) rows in float64 (fixed order), then the
-    inference forward with center = mean, scale = gamma * invstd, shift = beta. Returns
-    (y, mean + bias, biased var), mean and var fp32 (C,)."""
+    kernel, the finish kernel (its per-split (n, mean, M2) rows merged in float64 in a fixed
+    order, the folded scale), then the inference forward with center = mean, scale = gamma *
+    invstd, shift = beta. Returns (y, mean + bias, biased var), mean and var fp32 (C,)."""
     pl = _memo(_train_fwd_plan, (x, weight, bias, gamma, beta), _rest(stride, padding, dilation, eps, act),
                x, weight, bias, gamma, beta, stride, padding, dilation, eps, act)
     with _on_device(x):
@@ -1525,7 +1735,7 @@ def _train_fwd(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act
     part = torch.empty((ns, 3, C), dtype=torch.float64, device=x.device)
 
     def grid(meta):
-        return (ns * triton.cdiv(C, meta["BLOCK_C"]),)
+        return (ns * _cdiv(C, meta["BLOCK_C"]),)
 
     _run(_TRAIN_STATS, grid, (
         x, k["wt"], part,
@@ -1534,16 +1744,15 @@ def _train_fwd(x, weight, bias, gamma, beta, stride, padding, dilation, eps, act
         padding[0], padding[1], dilation[0], dilation[1],
         *k["buckets"],
     ), dict(SH=stride[0], SW=stride[1], KH=k["KH"], KW=k["KW"]), x, k)
-    cnt, pm, pq = part[:, 0], part[:, 1], part[:, 2]
-    total = cnt.sum(dim=0)
-    mean_d = (cnt * pm).sum(dim=0) / total
-    var_d = (pq.sum(dim=0) + (cnt * (pm - mean_d).square()).sum(dim=0)) / total
-    mean, var = mean_d.float(), var_d.float()
-    # invstd in double from the returned (rounded) variance, as the backward computes it
-    invstd = torch.rsqrt(var.double() + eps)
-    scale = ((gamma.double() * invstd) if gamma is not None else invstd).float()
-    y = _fwd_launch(x, weight, scale, beta, stride, padding, dilation, act, pl, center=mean)
-    return y, (mean + bias.float() if bias is not None else mean), var
+    center, var = (torch.empty((C,), dtype=torch.float32, device=x.device) for _ in range(2))
+    mean_out = torch.empty_like(center) if bias is not None else center
+    affine = torch.empty((2, C), dtype=torch.float32, device=x.device)  # scale, shift
+    _fin(_train_stat_finish_kernel, C)(
+        part, ns, C, *_param(bias, part), *_param(gamma, part), *_param(beta, part), *_eps_parts(eps),
+        mean_out, center, var, affine,
+        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, FIN_T=_FIN_T, FIN_C=_FIN_C)
+    y = _fwd_launch(x, weight, affine[0], affine[1], stride, padding, dilation, act, pl, center=center)
+    return y, mean_out, var
 
 
 def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], x: Tensor,
@@ -1551,7 +1760,8 @@ def dwconv_bn_act_train_bwd(grad_y: Tensor, grad_mean: Optional[Tensor], grad_va
                             stride: List[int], padding: List[int], dilation: List[int], eps: float, act: str,
                             output_mask: List[bool], deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training backward launcher (the body of fastdw::_dwconv_bn_act_train_backward_triton):
-    the gu kernel twice (A: sums of gu and gu*(z - mean); B: dz), then the dx kernel on dz.
+    the prep kernel (scale, shift, center), the gu kernel twice (A: sums of gu and gu*(z - mean),
+    finished into dgamma, dbeta and the dz coefficients; B: dz), then the dx kernel on dz.
     mean is the batch mean of conv(x) without the bias. Returns (dx, dweight, dgamma, dbeta)."""
     pl = _memo(_train_bwd_plan, (grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var),
                _rest(stride, padding, dilation, eps, act, tuple(output_mask)),
@@ -1572,44 +1782,45 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
     KH, KW = weight.shape[2], weight.shape[3]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_dx \
         else torch.empty((0,), dtype=x.dtype, device=x.device)
-    dw = dg = db = None  # float64 sums; zeros when there is nothing to sum
+    dwt = _grad_buf(weight, need_dw, (C, 1, KH, KW), x)
+    dgt, dbt = _grad_buf(gamma, need_dg, (C,), x), _grad_buf(beta, need_db, (C,), x)
     M = N * OH * OW
-    if M > 0 and C > 0:
-        # the per-channel algebra in float64 (invstd, the sums, the dz coefficients); fp32 to the kernels
-        invstd = torch.rsqrt(var.float().double() + eps)
-        g = _f32_or(gamma, x, 1.0).double()
-        center = mean.float().contiguous()
-        scale = g * invstd
-        k = _common(x, weight, scale.float(), _f32_or(beta, x, 0.0), act, pl)
+    ran = M > 0 and C > 0
+    if ran:
+        # the per-channel algebra in float64 inside the prep and finish kernels; fp32 to the passes:
+        # coef rows scale, shift, center (prep), lin, cst (finish)
+        coef = torch.empty((5, C), dtype=torch.float32, device=x.device)
+        g_arg, v_arg = _param(gamma, coef), (var, var.stride(0))
+        _fin(_train_bwd_prep_kernel, C)(*g_arg, *_param(beta, coef), mean, mean.stride(0), *v_arg, *_eps_parts(eps),
+                                        coef, C, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, FIN_C=_FIN_C)
+        k = _common(x, weight, coef[0], coef[1], act, pl)
+        center = coef[2]
         part, _ = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                              store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
-        S, B = part[:, 0].sum(dim=0, dtype=torch.float64), part[:, 1].sum(dim=0, dtype=torch.float64)
-        dg, db = invstd * S, B
+        _fin(_train_bwd_finish_kernel, C)(
+            part, part.shape[0], C, *g_arg, *v_arg, *_eps_parts(eps), *_param(grad_mean, coef), *_param(grad_var, coef), M,
+            coef, dgt if need_dg else coef, dbt if need_db else coef,
+            HAS_GAMMA=gamma is not None, HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None,
+            NEED_DG=need_dg, NEED_DB=need_db, FIN_T=_FIN_T, FIN_C=_FIN_C)
         if need_dx or need_dw:
-            lin = -(g * invstd.pow(3) * S)
-            if grad_var is not None:
-                lin = lin + 2.0 * grad_var.double()
-            cst = -(scale * B)
-            if grad_mean is not None:
-                cst = cst + grad_mean.double()
-            lin, cst = (lin / M).float().contiguous(), (cst / M).float().contiguous()
             parity = _dx_by_parity(stride, dilation)
             store_gz = need_dx or not parity
             gz = torch.empty((N, C, OH, OW), memory_format=fmt, dtype=_gc_dtype(x, weight), device=x.device) \
                 if store_gz else dx
-            _, dw = _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
-                               store_gc=store_gz, need_red=False, deterministic=deterministic,
-                               train=(center, lin, cst), need_dw=need_dw and parity)
+            _, partw = _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True,
+                                  has_shift=True, store_gc=store_gz, need_red=False, deterministic=deterministic,
+                                  train=(center, coef[3], coef[4]), need_dw=need_dw and parity)
             if parity:
                 if need_dx:
                     _launch_dx_s2(x, k, gz, dx, padding, OH, OW, deterministic)
             else:
-                dw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
+                partw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
+            if need_dw:
+                _sum_weight_grad(partw, dwt, KH * KW)
     elif need_dx:
         dx.zero_()
-
-    return (dx, _grad_out(dw, weight, need_dw, (C, 1, KH, KW), x), _grad_out(dg, gamma, need_dg, (C,), x),
-            _grad_out(db, beta, need_db, (C,), x))
+    _zero_unsummed((dwt, ran), (dgt, ran), (dbt, ran))
+    return dx, dwt, dgt, dbt
 
 
 # ------------------------------------------------------------------------------------------
