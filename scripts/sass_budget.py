@@ -537,11 +537,7 @@ def report(so: str, arch: str, filt: Optional[str], explain: bool = False) -> Li
                 k.load_bits, k.store_bits, k.spill_instr = ld, st, sp
                 k.spill_instr_sub = _SUB_SPILLS[0]
                 if explain:
-                    from collections import Counter
-
-                    hist = Counter(op.split(".")[0] for op in _LAST_PATH) if _LAST_PATH else {}
-                    per = {o: round(c / n_out, 2) for o, c in sorted(hist.items(), key=lambda kv: -kv[1])} if n_out else {}
-                    print(f"{k.kernel}: path of {len(_LAST_PATH)} instructions, per output: {per}")
+                    _explain(k.kernel, n_out)
                 _LAST_PATH.clear()
                 k.spill_bytes = max(stack, local) if sp else 0
                 if n_out > 0:
@@ -576,7 +572,16 @@ def _triton_budget(kind: str, cl: bool, dtype: str, K: int, S: int) -> Optional[
     return None if b is None else round(b * TRITON_SCALE, 2)
 
 
-def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> List[Kernel]:
+def _explain(name: str, n_out: int) -> None:
+    """--explain: the counted path's opcodes per output element."""
+    from collections import Counter
+
+    hist = Counter(op.split(".")[0] for op in _LAST_PATH) if _LAST_PATH else {}
+    per = {o: round(c / n_out, 2) for o, c in sorted(hist.items(), key=lambda kv: -kv[1])} if n_out else {}
+    print(f"{name}: path of {len(_LAST_PATH)} instructions, per output: {per}")
+
+
+def triton_report(arch: str, quick: bool = False, all_configs: bool = True, explain: bool = False) -> List[Kernel]:
     """Every autotune config of the Triton forward, gu and dx kernels for the TRITON_CASES classes
     (relu6), compiled for sm_<arch> as the JIT would specialize a MobileNet-like call (the launches
     recorded by scripts/triton_compile_check.py), read like the CUDA kernels: registers and spills
@@ -642,6 +647,8 @@ def triton_report(arch: str, quick: bool = False, all_configs: bool = True) -> L
                 instrs = next(iter(sass.values()))
                 eb = 4 if dt == "fp32" else 2  # gu stores gc in x's dtype
                 tot, n_ins, n_out, est, ld, st, sp = analyse(instrs, eb, K)
+                if explain:
+                    _explain(name, n_out)
                 _LAST_PATH.clear()
                 k.instr_total, k.region_instr, k.outputs_per_region, k.estimated = tot, n_ins, n_out, est
                 k.load_bits, k.store_bits, k.spill_instr = ld, st, sp
@@ -714,7 +721,7 @@ def main(argv=None) -> int:
                          "their rework)")
     args = ap.parse_args(argv)
     if args.triton_only:
-        ks = triton_report(args.arch, args.quick, all_configs=not args.quick)
+        ks = triton_report(args.arch, args.quick, all_configs=not args.quick, explain=args.explain)
         print(f"Triton {len(ks)} kernels for sm_{args.arch}")
         return _finish(ks, args)
     so = args.so
@@ -729,7 +736,7 @@ def main(argv=None) -> int:
     ks = report(so, args.arch, args.filter, args.explain)
     print(f"{Path(so).name}: {len(ks)} kernels for sm_{args.arch}")
     if args.triton:
-        ks += triton_report(args.arch, args.quick, all_configs=not args.quick)
+        ks += triton_report(args.arch, args.quick, all_configs=not args.quick, explain=args.explain)
     return _finish(ks, args)
 
 
