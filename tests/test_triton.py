@@ -112,8 +112,8 @@ def test_every_config_gpu(layout, monkeypatch):
     """Each tile config of the autotune lists, pinned in turn (gpu_check.sh runs the suite with
     FASTDW_TRITON_AUTOTUNE=0, i.e. the first config only): the forward's 3x3 list and every band
     kernel's list of this layout (the i-th config of each, cycled), forward, backward at stride 1
-    (dx by rows) and 2 (dx by parity, dweight in the gu pass), on a shape with partial tiles and
-    channel blocks."""
+    (dx by rows) and 2 (dx by parity, dweight in the gu pass), on shapes with partial tiles and
+    channel blocks: 72 channels (8-column bands for channels_last) and 24 (32-column bands)."""
     cl = layout == "channels_last"
     fwd_key = T._fwd_table_key(cl, 9)
     band_keys = [key for key in T._BAND_KEYS if key[0] == cl]
@@ -131,14 +131,14 @@ def test_every_config_gpu(layout, monkeypatch):
             monkeypatch.setitem(table, key, pinned)
             if T._PINNED[id(table)] is not table:
                 monkeypatch.setitem(T._PINNED[id(table)], key, pinned)
-        for dtype in (torch.float16, torch.float32):
-            x, w, sc, sh = make_inputs(3, 72, 19, 21, 3, dtype=dtype, device="cuda", layout=layout,
+        for dtype, C in ((torch.float16, 72), (torch.float32, 72), (torch.float16, 24)):
+            x, w, sc, sh = make_inputs(3, C, 19, 37, 3, dtype=dtype, device="cuda", layout=layout,
                                        requires_grad=True)
             f = forward_failures(x.detach(), w.detach(), sc.detach(), sh.detach(), 1, 1, 1, "hardswish",
                                  backend="triton", raw_op=OP)
             for s in (1, 2):
                 f += backward_failures(x, w, sc, sh, s, 1, 1, "hardswish", backend="triton")
-            fails += [f"round {i} {dtype_id(dtype)}: {m}" for m in f]
+            fails += [f"round {i} {dtype_id(dtype)} C={C}: {m}" for m in f]
     assert not fails, fails
 
 
@@ -240,7 +240,8 @@ def test_backward_bands_interp(layout, case):
     channel block; stride 2 and dilation take the direct gu rows and the gathering dx kernel."""
     k, s, p, d, act = case
     cl = layout == "channels_last"
-    N, C, H, W = (1, 20, 19, 20 if s == 1 else 40) if cl else (1, 10, 19, 40 if s == 1 else 72)
+    # channels_last: 20 channels take 32-column bands (W 70: a border, an interior, a partial tile)
+    N, C, H, W = (1, 20, 19, 70 if s == 1 else 140) if cl else (1, 10, 19, 40 if s == 1 else 72)
     x, w, sc, sh = make_inputs(N, C, H, W, k, layout=layout, requires_grad=True)
     kk = {"N": N, "C": C, "cl": cl}
     OH = (H + 2 * p - d * (k - 1) - 1) // s + 1
@@ -256,6 +257,22 @@ def test_backward_bands_interp(layout, case):
         assert -(-rows // band) >= 2 and rows % band, (rows, band)
     fails = backward_failures(x, w, sc, sh, s, p, d, act, backend="triton")
     assert not fails, fails
+
+
+@requires_interp
+@pytest.mark.parametrize("C", [20, 40, 66])
+def test_backward_band_width_by_channels_interp(C):
+    """channels_last bands are 32 columns wide for C <= 32, 16 for C <= 64, 8 above (the channel
+    block fills the tile either way), capped by the plane's width; each width gives the
+    reference's gradients at stride 1 and 2."""
+    x, w, sc, sh = make_inputs(1, C, 9, 17, 3, layout="channels_last", requires_grad=True)
+    kk = {"N": 1, "C": C, "cl": True}
+    want = 32 if C <= 32 else 16 if C <= 64 else 8
+    assert T._band_plan(x, kk, 9, 40)[1] == want
+    assert T._band_plan(x, kk, 9, 7)[1] == 8  # a 7-wide plane: 8 columns whatever C
+    for s in (1, 2):
+        fails = backward_failures(x, w, sc, sh, s, 1, 1, "relu6", backend="triton")
+        assert not fails, (s, fails)
 
 
 @requires_interp

@@ -1169,15 +1169,15 @@ def _bcfg(bw, bc, warps):
     return triton.Config({"BLOCK_W": bw, "BLOCK_C": bc}, num_warps=warps, num_stages=1)
 
 
-_BAND_KEYS = [(cl, bw, kc) for kc in (0, 1, 2) for cl, bw in [(True, 8)] + [(False, b) for b in (8, 16, 32, 64)]]
+_BAND_KEYS = [(cl, bw, kc) for kc in (0, 1, 2) for cl in (True, False) for bw in ((8, 16, 32) if cl else (8, 16, 32, 64))]
 
 
 def _band_configs(key, every=False):
     """key: (channels_last, BLOCK_W, tap-count class); every: the whole list, even when autotuning
     is off (the GPU test that pins each config in turn)."""
     cl, bw, kc = key
-    if INTERPRET:
-        return [_bcfg(bw, max(1, 128 // bw), 4)]
+    if INTERPRET:  # 16 channels for channels_last (partial and full channel blocks in small tests)
+        return [_bcfg(bw, 16 if cl else max(1, 128 // bw), 4)]
     per = ((8 if cl else 4), 2, 1)[kc]  # elements per thread and row
     cfgs = [_bcfg(bw, max(1, per * 128 // bw), 4), _bcfg(bw, max(1, per * 256 // bw), 8),
             _bcfg(bw, max(1, per * 64 // bw), 4)]
@@ -1471,11 +1471,16 @@ def _cprog(k) -> int:
 
 def _band_plan(x, k, rows, cols, dw=False):
     """(BAND, BLOCK_W, band tiles) of a band kernel over a rows x cols plane per image: BLOCK_W
-    8 columns for channels_last (channels fill the tile), else the plane's width rounded up to a
-    power of two within 8..64; BAND the most rows per program (64, 32, 16) that still makes about
+    for channels_last 8 columns (channels fill the tile), 16 for C <= 64 and 32 for C <= 32 (a
+    [8, 128] tile over 32 channels ran 75% masked lanes: MobileNetV2's first layer), at most the
+    plane's width rounded up to a power of two; NCHW the plane's width rounded up to a power of
+    two within 8..64; BAND the most rows per program (64, 32, 16) that still makes about
     four programs per SM. Depends on the shapes and the GPU, never on the autotuned config, so the
     host knows how many partial-sum rows the programs write."""
-    bw = 8 if k["cl"] else min(16 if INTERPRET else 64, max(8, _next_pow2(cols)))
+    if k["cl"]:
+        bw = min(32 if k["C"] <= 32 else 16 if k["C"] <= 64 else 8, max(8, _next_pow2(cols)))
+    else:
+        bw = min(16 if INTERPRET else 64, max(8, _next_pow2(cols)))
     tiles = k["N"] * _cdiv(cols, bw)
     if INTERPRET or x.device.type != "cuda":
         band = 8
