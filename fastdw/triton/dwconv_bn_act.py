@@ -945,7 +945,7 @@ def _dwconv_train_stats_kernel(
 # t % FIN_T of an [FIN_T, FIN_C] float64 accumulator, one tree sum over the slots at the end):
 # deterministic, and at least as accurate as a float64 torch.sum. FIN_T * FIN_C = 4096 loads in
 # flight per trip (32 per thread) so the few programs are not latency bound.
-_FIN_T, _FIN_C, _FIN_WARPS = 128, 32, 4
+_FIN_T, _FIN_C = 128, 32  # launched with Triton's default 4 warps
 
 
 @triton.jit
@@ -963,8 +963,8 @@ def _rows_sum(P, T, RS, c, cm, FIN_T: tl.constexpr, FIN_C: tl.constexpr):
 @triton.jit
 def _sum_rows_kernel(PART, T, RS, C, OUT0, OUT1, R0, sor, soc, FIN_T: tl.constexpr, FIN_C: tl.constexpr):
     """Program (row r, channel block): OUT[r, c] = sum_t PART[t, r, c] (PART's rows RS elements
-    apart), in float64, rounded to fp32 and stored in OUT's dtype (csrc's store_as): rows r < R0 at OUT0 + r * sor + c * soc, the rest
-    at OUT1 + (r - R0) * sor + c * soc (two parameters' gradients of different dtypes)."""
+    apart), in float64, rounded to fp32 and stored in OUT's dtype (csrc's store_as): rows r < R0
+    at OUT0 + r * sor + c * soc, the rest at OUT1 + (r - R0) * sor + c * soc (two parameters' gradients of different dtypes)."""
     r = tl.program_id(0)
     c = tl.program_id(1) * FIN_C + tl.arange(0, FIN_C)
     cm = c < C
@@ -1169,7 +1169,8 @@ def _bcfg(bw, bc, warps):
     return triton.Config({"BLOCK_W": bw, "BLOCK_C": bc}, num_warps=warps, num_stages=1)
 
 
-_BAND_KEYS = [(cl, bw, kc) for kc in (0, 1, 2) for cl in (True, False) for bw in ((8, 16, 32) if cl else (8, 16, 32, 64))]
+_BAND_KEYS = [(cl, bw, kc) for kc in (0, 1, 2) for cl in (True, False)
+              for bw in ((8, 16, 32) if cl else (8, 16, 32, 64))]
 
 
 def _band_configs(key, every=False):
@@ -1517,8 +1518,9 @@ def _launch_gu(x, k, grad_out, gc, stride, padding, dilation, OH, OW, has_scale,
                deterministic, train=None, need_dw=False):
     """The gu kernel over all outputs: gc (when store_gc), the (tiles, 2, C) fp32 partial sums of
     dscale / dshift (when need_red) and, need_dw (direct rows only), dweight's (tiles, KH*KW, C)
-    fp32 partial sums: returns (dscale / dshift partials or None, dweight partials or None). train = (center, lin, cst) switches
-    on the batch-statistics terms (k["s"], k["b"] are then the folded batch scale and shift)."""
+    fp32 partial sums: returns (dscale / dshift partials or None, dweight partials or None).
+    train = (center, lin, cst) switches on the batch-statistics terms (k["s"], k["b"] are then
+    the folded batch scale and shift)."""
     C, H, W = k["C"], k["H"], k["W"]
     band, bw, tiles = _band_plan(x, k, OH, OW, need_dw)
     part = torch.empty((tiles, 2, C), dtype=torch.float32, device=x.device) if need_red else gc
@@ -1813,7 +1815,8 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
         part, _ = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                              store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
         _fin(_train_bwd_finish_kernel, C)(
-            part, part.shape[0], C, *g_arg, *v_arg, *_eps_parts(eps), *_param(grad_mean, coef), *_param(grad_var, coef), M,
+            part, part.shape[0], C, *g_arg, *v_arg, *_eps_parts(eps), *_param(grad_mean, coef),
+            *_param(grad_var, coef), M,
             coef, dgt if need_dg else coef, dbt if need_db else coef,
             HAS_GAMMA=gamma is not None, HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None,
             NEED_DG=need_dg, NEED_DB=need_db, FIN_T=_FIN_T, FIN_C=_FIN_C)
