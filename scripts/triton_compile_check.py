@@ -98,7 +98,7 @@ def _signature(fn, args, kwargs, config):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[name] = "i1"
-        elif isinstance(v, float):  # a float scalar: fp32 unless annotated (the finishes' eps: fp64)
+        elif isinstance(v, float):  # a float scalar: fp32, as the JIT passes it, unless annotated
             sig[name] = param.annotation_type or "fp32"
         elif isinstance(v, int):
             if v == 1 and not getattr(param, "do_not_specialize", False):

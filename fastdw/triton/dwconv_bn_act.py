@@ -964,7 +964,8 @@ def _rows_sum(P, T, RS, c, cm, FIN_T: tl.constexpr, FIN_C: tl.constexpr):
 def _sum_rows_kernel(PART, T, RS, C, OUT0, OUT1, R0, sor, soc, FIN_T: tl.constexpr, FIN_C: tl.constexpr):
     """Program (row r, channel block): OUT[r, c] = sum_t PART[t, r, c] (PART's rows RS elements
     apart), in float64, rounded to fp32 and stored in OUT's dtype (csrc's store_as): rows r < R0
-    at OUT0 + r * sor + c * soc, the rest at OUT1 + (r - R0) * sor + c * soc (two parameters' gradients of different dtypes)."""
+    at OUT0 + r * sor + c * soc, the rest at OUT1 + (r - R0) * sor + c * soc (two parameters'
+    gradients of different dtypes)."""
     r = tl.program_id(0)
     c = tl.program_id(1) * FIN_C + tl.arange(0, FIN_C)
     cm = c < C
@@ -976,16 +977,12 @@ def _sum_rows_kernel(PART, T, RS, C, OUT0, OUT1, R0, sor, soc, FIN_T: tl.constex
 
 
 @triton.jit
-def _eps64(E0, E1, E2, c):
-    """eps in float64 from its three fp32 parts (_eps_parts), exactly, as a [FIN_C] row."""
-    return ((tl.zeros(c.shape, dtype=tl.float64) + E0) + E1) + E2
-
-
-@triton.jit
 def _invstd_of(v32, E0, E1, E2, c):
     """1 / sqrt(var + eps) in float64 from the variance as the forward returns it (fp32), both
-    operations correctly rounded (csrc's invstd_of)."""
-    return 1.0 / tl.sqrt(v32.to(tl.float64) + _eps64(E0, E1, E2, c))
+    operations correctly rounded (csrc's invstd_of); eps exactly, from its three fp32 parts
+    (_eps_parts)."""
+    eps = ((tl.zeros(c.shape, dtype=tl.float64) + E0) + E1) + E2
+    return 1.0 / tl.sqrt(v32.to(tl.float64) + eps)
 
 
 @triton.jit
@@ -1585,8 +1582,8 @@ def _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, determinist
 
 def _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic):
     """The dx kernel from gc (the gradient of the conv output): fills dx (when need_dx) and
-    returns dweight's partial sums, (rows, >= KH*KW, C) (when need_dw, else None). Stride 1 without dilation
-    streams rows (_launch_dx_rows); otherwise the split kernel gathers every tap."""
+    returns dweight's partial sums, (rows, >= KH*KW, C) (when need_dw, else None). Stride 1
+    without dilation streams rows (_launch_dx_rows); otherwise the split kernel gathers every tap."""
     if tuple(stride) == (1, 1) and tuple(dilation) == (1, 1):
         return _launch_dx_rows(x, k, gc, dx, padding, OH, OW, need_dx, need_dw, deterministic)
     N, C, H, W = k["N"], k["C"], k["H"], k["W"]
@@ -1645,11 +1642,6 @@ def _sum_rows(part, rows, out0, out1=None, r0=None, sor=0, soc=1):
         rows if r0 is None else r0, sor, soc, FIN_T=_FIN_T, FIN_C=_FIN_C)
 
 
-def _sum_weight_grad(partw, dwt, KK):
-    """dweight (C, 1, KH, KW) from its (T, >= KK, C) partial sums: one launch."""
-    _sum_rows(partw, KK, dwt, sor=1, soc=KK)
-
-
 def _sum_pair(part, a, b):
     """The two per-channel gradients a (row 0) and b (row 1) of (T, 2, C) partial sums, each in
     its own dtype (None: not wanted): one launch."""
@@ -1659,11 +1651,26 @@ def _sum_pair(part, a, b):
         _sum_rows(part[:, 1:], 1, b)
 
 
-def _zero_unsummed(*pairs):
-    """Zeros into the gradients that were asked for but had nothing to sum (empty input)."""
-    for buf, summed in pairs:
-        if buf.numel() > 0 and not summed:
-            buf.zero_()
+def _zero_unsummed(ran, *bufs):
+    """Zeros into the gradients that were asked for when no pass ran (nothing to sum)."""
+    if not ran:
+        for buf in bufs:
+            if buf.numel() > 0:
+                buf.zero_()
+
+
+def _dx_pass(x, k, gc, dx, dwt, partw, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic):
+    """The backward's second pass from gc (the gradient at the conv's output), then dweight (C, 1,
+    KH, KW) from its partial sums in one launch: at stride 2 dx by output parity (dweight's
+    partials partw came from the gu pass), otherwise the dx kernel, which takes them itself."""
+    if _dx_by_parity(stride, dilation):
+        if need_dx:
+            _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic)
+    elif need_dx or need_dw:
+        partw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
+    if need_dw:
+        KK = k["KH"] * k["KW"]
+        _sum_rows(partw, KK, dwt, sor=1, soc=KK)
 
 
 def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, output_mask, deterministic, pl):
@@ -1691,14 +1698,8 @@ def _bwd(grad_out, x, weight, scale, shift, stride, padding, dilation, act, outp
                                   deterministic=deterministic, need_dw=need_dw and parity)
         if need_red:
             _sum_pair(part1, dst if need_ds else None, dbt if need_db else None)
-        if parity:
-            if need_dx:
-                _launch_dx_s2(x, k, gc, dx, padding, OH, OW, deterministic)
-        elif store_gc:
-            partw = _launch_dx(x, k, gc, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
-        if need_dw:
-            _sum_weight_grad(partw, dwt, KH * KW)
-    _zero_unsummed((dwt, ran), (dst, ran), (dbt, ran))
+        _dx_pass(x, k, gc, dx, dwt, partw, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
+    _zero_unsummed(ran, dwt, dst, dbt)
     return dx, dwt, dst, dbt
 
 
@@ -1807,15 +1808,15 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
         # the per-channel algebra in float64 inside the prep and finish kernels; fp32 to the passes:
         # coef rows scale, shift, center (prep), lin, cst (finish)
         coef = torch.empty((5, C), dtype=torch.float32, device=x.device)
-        g_arg, v_arg = _param(gamma, coef), (var, var.stride(0))
-        _fin(_train_bwd_prep_kernel, C)(*g_arg, *_param(beta, coef), mean, mean.stride(0), *v_arg, *_eps_parts(eps),
+        g_arg, v_arg, e_arg = _param(gamma, coef), (var, var.stride(0)), _eps_parts(eps)
+        _fin(_train_bwd_prep_kernel, C)(*g_arg, *_param(beta, coef), mean, mean.stride(0), *v_arg, *e_arg,
                                         coef, C, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, FIN_C=_FIN_C)
         k = _common(x, weight, coef[0], coef[1], act, pl)
         center = coef[2]
         part, _ = _launch_gu(x, k, grad_y, dx, stride, padding, dilation, OH, OW, has_scale=True, has_shift=True,
                              store_gc=False, need_red=True, deterministic=deterministic, train=(center, center, center))
         _fin(_train_bwd_finish_kernel, C)(
-            part, part.shape[0], C, *g_arg, *v_arg, *_eps_parts(eps), *_param(grad_mean, coef),
+            part, part.shape[0], C, *g_arg, *v_arg, *e_arg, *_param(grad_mean, coef),
             *_param(grad_var, coef), M,
             coef, dgt if need_dg else coef, dbt if need_db else coef,
             HAS_GAMMA=gamma is not None, HAS_GM=grad_mean is not None, HAS_GV=grad_var is not None,
@@ -1828,16 +1829,10 @@ def _train_bwd(grad_y, grad_mean, grad_var, x, weight, gamma, beta, mean, var, s
             _, partw = _launch_gu(x, k, grad_y, gz, stride, padding, dilation, OH, OW, has_scale=True,
                                   has_shift=True, store_gc=store_gz, need_red=False, deterministic=deterministic,
                                   train=(center, coef[3], coef[4]), need_dw=need_dw and parity)
-            if parity:
-                if need_dx:
-                    _launch_dx_s2(x, k, gz, dx, padding, OH, OW, deterministic)
-            else:
-                partw = _launch_dx(x, k, gz, dx, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
-            if need_dw:
-                _sum_weight_grad(partw, dwt, KH * KW)
+            _dx_pass(x, k, gz, dx, dwt, partw, stride, padding, dilation, OH, OW, need_dx, need_dw, deterministic)
     elif need_dx:
         dx.zero_()
-    _zero_unsummed((dwt, ran), (dgt, ran), (dbt, ran))
+    _zero_unsummed(ran, dwt, dgt, dbt)
     return dx, dwt, dgt, dbt
 
 
